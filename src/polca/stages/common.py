@@ -78,9 +78,10 @@ class RunContext:
         return self.task.basis_sample(n).to(self.device)
 
 
-def open_run(root, cfg: RunConfig | None = None, dtype=torch.float64, device="cpu") -> RunContext:
+def open_run(root, cfg: RunConfig | None = None, dtype=torch.float64, device=None) -> RunContext:
     """Open ``root``; with ``cfg`` the run is created (config written) if it is new, and a
-    differing config in an existing run is an error (results would mix two settings)."""
+    differing config in an existing run is an error (results would mix two settings).
+    Analysis runs on ``device`` (default: the training device of the config)."""
     run = RunDir(root)
     if cfg is None:
         cfg = load_config(run.config_path)
@@ -88,7 +89,7 @@ def open_run(root, cfg: RunConfig | None = None, dtype=torch.float64, device="cp
         write_config(run, cfg)
     task = make_task(cfg, run.root)
     return RunContext(run, cfg, task, build_model(cfg, task), dtype=dtype,
-                      device=torch.device(device))
+                      device=torch.device(device or cfg.train.device))
 
 
 def write_config(run: RunDir, cfg: RunConfig) -> None:

@@ -1,0 +1,192 @@
+"""Clusters against known skills (METHOD §6): purity, chance, ARI, V-measure, the paper's table.
+
+Only tokens with a cluster label ``>= 0`` count ("clustered tokens"): HDBSCAN noise (-1) and
+tokens removed by the POLCA filters (-2, -3) are excluded everywhere here.
+
+The paper's carry metric (its Appendix G), for addition token tables with columns ``carry``
+(bool: a carry enters this place) and ``place`` (1000, 100, 10, 1):
+
+* homogeneity of a cluster = carry tokens in it / its size (carries of any place);
+* a cluster is *eligible* when more than 85 % of its carry tokens sit in the tens or hundreds
+  place ("skill carries"); a carry into the thousands place only means predicting 1;
+* recall = skill carries in the cluster / skill carries among the clustered tokens of the same
+  clustering (for POLCA: the same vector, after its filters; noise excluded). Thousands-place
+  carries are left out of both because an eligible cluster holds few of them by construction;
+* F1 = harmonic mean of homogeneity and recall (the paper's F1 values are exactly that of its
+  homogeneity and recall);
+* per basis vector the score is its most homogeneous eligible cluster; the table reports the
+  three best vectors. For the exact kinds (one clustering) it reports the three best clusters.
+
+Example:
+    >>> labels = np.array([0, 0, 0, 1, 1, -1])
+    >>> purity_table(labels, np.array(["a", "a", "b", "b", "b", "a"]))["purity"].round(3).tolist()
+    [0.667, 1.0]
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+from sklearn.metrics import adjusted_rand_score, v_measure_score
+
+SKILL_PLACES = (10, 100)
+CONCENTRATION = 0.85
+
+
+def _paper_entry(row, homogeneity, recall, f1, hidden_fraction):
+    return {"row": row, "homogeneity": homogeneity, "recall": recall, "f1": f1,
+            "hidden_fraction": hidden_fraction}
+
+
+# The paper's addition results (its Tables 1, 3, 4 and §5 hidden-breakthrough fractions).
+# ``homogeneity``: top-three vectors (one value where the paper gives one); ``recall``/``f1``:
+# of the best cluster, None where the paper gives none. Keys are this project's
+# (trajectory kind, basis); the paper's POLCA used its approximate curvature (polca_paper), the
+# exact-curvature kind (polca) estimates the same quantity and is compared with the same row.
+PAPER_ADDITION = {
+    ("loss", None): _paper_entry("exact loss", (0.514,), 0.771, 0.617, 0.0),
+    ("delta_loss", None): _paper_entry("ΔL", (0.524,), 0.958, 0.678, 0.0),
+    ("lca", None): _paper_entry("LCA top-50", (0.792,), 0.772, 0.782, 0.019),
+    ("fisher", "hessian"): _paper_entry("Fisher", (0.664, 0.643, 0.637), None, None, 0.284),
+    ("first_order", "hessian"): _paper_entry(
+        "first-order POLCA", (0.948, 0.928, 0.887), 0.767, 0.848, 0.307),
+    ("polca_paper", "hessian"): _paper_entry(
+        "POLCA", (0.973, 0.946, 0.903), 0.736, 0.838, 0.355),
+    ("polca_paper", "random"): _paper_entry(
+        "POLCA, random basis", (0.902, 0.858, 0.838), 0.655, 0.759, 0.031),
+    ("polca_paper", "shuffled-hessian"): _paper_entry(
+        "POLCA, shuffled Hessian", (0.856, 0.852, 0.834), 0.699, 0.769, 0.304),
+}
+
+
+def paper_row(kind: str, basis: str | None) -> dict | None:
+    """The paper's addition result for a trajectory kind on a basis, or None."""
+    key = ("polca_paper" if kind == "polca" else kind, basis)
+    return PAPER_ADDITION.get(key)
+
+
+def purity_table(labels: np.ndarray, values: np.ndarray) -> pd.DataFrame:
+    """Per cluster (labels ≥ 0): size, most common value (majority), purity (its share).
+
+    Columns cluster, size, majority, purity; ties for the majority go to the smallest value.
+    """
+    labels, values = _clustered(labels, values)
+    rows = []
+    for c in np.unique(labels):
+        counts = pd.Series(values[labels == c]).value_counts(sort=False).sort_index()
+        rows.append((int(c), int(counts.sum()), counts.idxmax(), counts.max() / counts.sum()))
+    return pd.DataFrame(rows, columns=["cluster", "size", "majority", "purity"])
+
+
+def label_scores(labels: np.ndarray, values: np.ndarray) -> dict:
+    """Agreement of one clustering with one categorical label over the clustered tokens.
+
+    Returns n_clustered, n_clusters, weighted_purity (purity averaged with cluster sizes as
+    weights), max_purity, chance (share of the most common value among clustered tokens: the
+    weighted purity of putting every token in one cluster), ari, v_measure. With no clustered
+    tokens all scores are NaN.
+    """
+    labels, values = _clustered(labels, values)
+    table = purity_table(labels, values)
+    if not len(labels):
+        nan = float("nan")
+        return {"n_clustered": 0, "n_clusters": 0, "weighted_purity": nan, "max_purity": nan,
+                "chance": nan, "ari": nan, "v_measure": nan}
+    return {
+        "n_clustered": len(labels),
+        "n_clusters": len(table),
+        "weighted_purity": float((table["purity"] * table["size"]).sum() / table["size"].sum()),
+        "max_purity": float(table["purity"].max()),
+        "chance": float(pd.Series(values).value_counts().max() / len(values)),
+        "ari": float(adjusted_rand_score(values, labels)),
+        "v_measure": float(v_measure_score(values, labels)),
+    }
+
+
+def carry_clusters(labels: np.ndarray, carry: np.ndarray, place: np.ndarray,
+                   skill_places=SKILL_PLACES, concentration: float = CONCENTRATION
+                   ) -> pd.DataFrame:
+    """The paper's carry statistics per cluster (labels ≥ 0), see the module docstring.
+
+    Columns cluster, size, n_carry, homogeneity, skill_share (share of the cluster's carries
+    in ``skill_places``; NaN without carries), eligible (skill_share > concentration),
+    recall, f1.
+    """
+    labels = np.asarray(labels)
+    carry, place = np.asarray(carry, dtype=bool), np.asarray(place)
+    if not labels.shape == carry.shape == place.shape:
+        raise ValueError(f"labels {labels.shape}, carry {carry.shape} and place {place.shape} "
+                         "must have one entry per token")
+    clustered = labels >= 0
+    skill = carry & np.isin(place, skill_places)
+    n_skill = int((skill & clustered).sum())
+    rows = []
+    for c in np.unique(labels[clustered]):
+        member = labels == c
+        size, n_carry, n_skill_in = int(member.sum()), int((carry & member).sum()), int(
+            (skill & member).sum())
+        homogeneity = n_carry / size
+        share = n_skill_in / n_carry if n_carry else float("nan")
+        recall = n_skill_in / n_skill if n_skill else 0.0
+        f1 = 2 * homogeneity * recall / (homogeneity + recall) if homogeneity + recall else 0.0
+        rows.append((int(c), size, n_carry, homogeneity, share,
+                     bool(n_carry and share > concentration), recall, f1))
+    return pd.DataFrame(rows, columns=["cluster", "size", "n_carry", "homogeneity",
+                                       "skill_share", "eligible", "recall", "f1"])
+
+
+def carry_table(labels_by_vector: dict, carry: np.ndarray, place: np.ndarray, top: int = 3,
+                per_vector: bool = True) -> pd.DataFrame:
+    """The paper's table rows: the ``top`` most homogeneous eligible clusters.
+
+    ``labels_by_vector`` maps a vector index (or None for an exact kind) to labels
+    ``[tokens]``. With ``per_vector`` each vector contributes only its best eligible cluster
+    (the paper's "top vector skill homogeneities"); otherwise every eligible cluster competes
+    (exact loss, ΔL). Columns rank, vector, cluster, size, homogeneity, recall, f1. Ties in
+    homogeneity go to the higher recall, then the lower vector and cluster.
+    """
+    frames = []
+    for vector, labels in labels_by_vector.items():
+        table = carry_clusters(labels, carry, place)
+        table = table[table["eligible"]]
+        if per_vector and len(table):
+            table = table.sort_values(["homogeneity", "recall", "cluster"],
+                                      ascending=[False, False, True]).head(1)
+        frames.append(table.assign(vector=vector))
+    columns = ["rank", "vector", "cluster", "size", "homogeneity", "recall", "f1"]
+    if not frames or not sum(len(f) for f in frames):
+        return pd.DataFrame(columns=columns)
+    best = pd.concat([f for f in frames if len(f)], ignore_index=True)
+    order = best.assign(_v=best["vector"].fillna(-1)).sort_values(
+        ["homogeneity", "recall", "_v", "cluster"], ascending=[False, False, True, True])
+    best = order.head(top).reset_index(drop=True)
+    best["rank"] = np.arange(1, len(best) + 1)
+    return best[columns]
+
+
+def format_table(frame: pd.DataFrame, title: str = "", digits: int = 3) -> str:
+    """Plain-text table (floats rounded to ``digits``) with an optional title line."""
+    if frame is None or not len(frame):
+        body = "(empty)"
+    else:
+        shown = frame.copy()
+        for column in shown.columns:
+            shown[column] = [_cell(v, digits) for v in shown[column]]
+        body = shown.to_string(index=False)
+    return f"{title}\n{body}\n" if title else f"{body}\n"
+
+
+def _cell(value, digits: int):
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{value:.{digits}f}" if isinstance(value, float) else value
+
+
+def _clustered(labels, values) -> tuple[np.ndarray, np.ndarray]:
+    labels, values = np.asarray(labels), np.asarray(values)
+    if labels.shape != values.shape or labels.ndim != 1:
+        raise ValueError(f"labels {labels.shape} and values {values.shape} must be [tokens] each")
+    keep = labels >= 0
+    return labels[keep], values[keep]

@@ -1,0 +1,118 @@
+"""A task of your own design from two JSONL files of token sequences (registry kind "jsonl").
+
+Each line is ``{"input_ids": [...], "mask": [0/1 per token], <labels>}``: ``mask`` marks the
+tokens whose loss is scored (default: all but the first); any list-valued field of the same
+length is a per-token label, any scalar field a per-example label (see :mod:`polca.probes`).
+Training draws sequences from the train file; the probe set is the probe file, with its labels
+carried into the token table, so clusters can be scored against your own skill labels.
+
+Config::
+
+    [task]
+    kind = "jsonl"
+    options = { train = "data/train.jsonl", probe = "data/probe.jsonl",
+                vocab = ["0", "1", "+", "="] }   # optional: vocab_size, sequence_length
+
+Relative paths are taken from the current directory. Training and probe files should not
+share sequences (the probe set is held out); this is the researcher's responsibility.
+
+Example:
+    >>> task = FileTask("train.jsonl", "probe.jsonl")             # doctest: +SKIP
+    >>> task.train_batch(0, 8).input_ids.shape                    # doctest: +SKIP
+    torch.Size([8, 12])
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+from polca.functional import ProbeBatch
+from polca.probes import ProbeFileError, probe_tables, read_examples
+
+
+class FileTask:
+    name = "jsonl"
+
+    def __init__(
+        self,
+        train: str | os.PathLike,
+        probe: str | os.PathLike,
+        vocab_size: int | None = None,
+        sequence_length: int | None = None,
+        vocab: Sequence[str] | None = None,
+        seed: int = 0,
+    ):
+        self.seed = seed
+        self.vocab = list(vocab) if vocab is not None else None
+        self.train_sequences, self.train_tokens = probe_tables(read_examples(train),
+                                                               where=str(train))
+        self.probe_sequences, self.probe_tokens = probe_tables(read_examples(probe),
+                                                               where=str(probe))
+        lengths = [len(ids) for frame in (self.train_sequences, self.probe_sequences)
+                   for ids in frame["input_ids"]]
+        largest = max(max(ids) for frame in (self.train_sequences, self.probe_sequences)
+                      for ids in frame["input_ids"])
+        self.sequence_length = sequence_length or max(lengths)
+        if max(lengths) > self.sequence_length:
+            raise ProbeFileError(f"a sequence has {max(lengths)} tokens, more than "
+                                 f"sequence_length={self.sequence_length}")
+        default_vocab = len(self.vocab) if self.vocab is not None else largest + 1
+        self.vocab_size = vocab_size or default_vocab
+        if largest >= self.vocab_size:
+            raise ProbeFileError(f"token id {largest} is outside the vocabulary of "
+                                 f"{self.vocab_size} (set options.vocab_size or options.vocab)")
+        reserved = {"token", "sequence", "position", "target", "text", "context", "example"}
+        self.label_columns = tuple(c for c in self.probe_tokens.columns if c not in reserved)
+        self.probe_tokens = self.probe_tokens.assign(
+            text=[self.decode([t]) for t in self.probe_tokens["target"]],
+            context=[self.decode(self.probe_sequences["input_ids"].iloc[s][: p + 1])
+                     for s, p in zip(self.probe_tokens["sequence"], self.probe_tokens["position"])])
+        self.probe_sequences = self.probe_sequences.assign(
+            text=[self.decode(ids) for ids in self.probe_sequences["input_ids"]])
+        self._train = self._padded(self.train_sequences, self.train_tokens)
+
+    @classmethod
+    def from_config(cls, cfg, root=None) -> FileTask:
+        options = dict(cfg.task.options)
+        missing = [k for k in ("train", "probe") if k not in options]
+        if missing:
+            raise ProbeFileError(f"task kind 'jsonl' needs task.options {missing}: paths of the "
+                                 "training and probe JSONL files")
+        unknown = set(options) - {"train", "probe", "vocab_size", "sequence_length", "vocab"}
+        if unknown:
+            raise ProbeFileError(f"unknown task.options {sorted(unknown)} for kind 'jsonl'")
+        return cls(seed=cfg.seed, **options)
+
+    def _padded(self, sequences: pd.DataFrame, tokens: pd.DataFrame) -> ProbeBatch:
+        """All sequences as one ``[n, sequence_length]`` batch (zero-padded, pads unscored)."""
+        ids = torch.zeros(len(sequences), self.sequence_length, dtype=torch.long)
+        for row, seq in enumerate(sequences["input_ids"]):
+            ids[row, : len(seq)] = torch.as_tensor(seq)
+        scored = torch.zeros_like(ids, dtype=torch.bool)
+        scored[torch.as_tensor(tokens["sequence"].to_numpy()),
+               torch.as_tensor(tokens["position"].to_numpy())] = True
+        return ProbeBatch(ids, torch.roll(ids, -1, dims=1), scored)
+
+    # -- Task protocol -------------------------------------------------------------------------
+    def train_batch(self, step: int, batch_size: int) -> ProbeBatch:
+        rows = np.random.default_rng([self.seed, 1, step]).integers(0, len(self._train),
+                                                                     batch_size)
+        return self._train[torch.as_tensor(rows)]
+
+    def basis_sample(self, n: int) -> ProbeBatch:
+        rng = np.random.default_rng([self.seed, 2])
+        rows = rng.choice(len(self._train), size=n, replace=n > len(self._train))
+        return self._train[torch.as_tensor(rows)]
+
+    def probe_set(self) -> tuple[pd.DataFrame, pd.DataFrame]:
+        return self.probe_sequences.copy(), self.probe_tokens.copy()
+
+    def decode(self, ids) -> str:
+        if self.vocab is None:
+            return " ".join(str(int(i)) for i in ids)
+        return "".join(self.vocab[int(i)] for i in ids)
