@@ -168,6 +168,10 @@ class FakeContext:
         self.trajectory = tiny_trajectory(self.loss.space.dim)
         self.fail_at, self.loaded = fail_at, []
 
+    def loss_in(self, dtype):
+        assert dtype == self.dtype
+        return self.loss
+
     def theta(self, step):
         if step == self.fail_at:
             raise Interrupted

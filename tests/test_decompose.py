@@ -227,9 +227,9 @@ def make_context(root, n_checkpoints=4, decompose=None, repeat_checkpoint=None, 
     cfg = RunConfig.model_validate({"name": "t", "decompose": {"batch_size": 2,
                                                                 **(decompose or {})}})
     return SimpleNamespace(
-        run=run, cfg=cfg, loss=loss, probe=batch, checkpoints=SimpleNamespace(steps=steps),
-        theta=lambda step: by_step[step].clone(), device=torch.device("cpu"),
-        dtype=torch.float64,
+        run=run, cfg=cfg, loss=loss, loss_in=lambda dtype: loss, probe=batch,
+        checkpoints=SimpleNamespace(steps=steps), theta=lambda step: by_step[step].clone(),
+        device=torch.device("cpu"), dtype=torch.float64,
     ), thetas, vectors
 
 

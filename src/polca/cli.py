@@ -3,6 +3,7 @@
     polca run configs/demo-addition.toml     # every stage in order, skipping what is done
     polca train runs/demo-addition            # one stage (a run directory or a config file)
     polca demo                                # the shipped demo into runs/demo-addition
+    polca analyze --hf ckpts/checkpoint-* --probe probe.jsonl --name mine   # your own run
 """
 
 from __future__ import annotations
@@ -13,9 +14,17 @@ from typing import Annotated
 
 import typer
 
+from polca.api import ANALYSIS_STAGES, STAGES
+from polca.byo import CheckpointSeriesError
 from polca.checkpoints import CheckpointError
 from polca.config import ConfigError, load_config
+from polca.probes import ProbeFileError
 from polca.store import StoreError
+
+# user errors: stop with the message (it names the problem and the fix), no traceback
+# (NotImplementedError: a Hugging Face architecture polca cannot differentiate exactly)
+ERRORS = (ConfigError, StoreError, CheckpointError, CheckpointSeriesError, ProbeFileError,
+          NotImplementedError)
 
 app = typer.Typer(
     help="Find hidden breakthroughs in training runs (POLCA).",
@@ -23,7 +32,6 @@ app = typer.Typer(
 )
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
-STAGES = ("train", "trajectories", "basis", "decompose", "cluster", "evaluate", "report")
 
 Target = Annotated[Path, typer.Argument(help="a run directory, or a config TOML (run goes to "
                                              "RUNS/<name>)")]
@@ -43,29 +51,59 @@ def _open(target: Path, runs: Path):
     return open_run(target)
 
 
-def _stage(name: str):
-    import importlib
+def _execute(ctx, stages, quiet: bool) -> None:
+    from polca.api import run_stage
+    from polca.stages.evaluate import format_tables
 
-    module = importlib.import_module(f"polca.stages.{name}")
-    return getattr(module, f"run_{name}")
+    report = None
+    for name in stages:
+        typer.secho(f"── {name}", fg=typer.colors.CYAN, err=True)
+        result = run_stage(ctx, name, progress=not quiet)
+        if name == "evaluate" and result is not None and len(stages) == 1:
+            typer.echo(format_tables(result))
+        if name == "report":
+            report = result
+    if "evaluate" in stages and len(stages) > 1:
+        typer.echo(_summary(ctx.run.root))
+    if report is not None:
+        typer.secho(f"report: {report}", fg=typer.colors.GREEN)
+    typer.secho(f"run: {ctx.run.root}", fg=typer.colors.GREEN)
+
+
+def _summary(root: Path) -> str:
+    """The reproduction table where the run has the paper's carry labels, else the
+    hidden-breakthrough table (the full tables are in the run's evaluation/ folder)."""
+    import pandas as pd
+
+    from polca.evaluate import format_table
+    from polca.report.reproduction import reproduction_markdown
+
+    def table(name):
+        path = root / "evaluation" / f"{name}.csv"
+        return pd.read_csv(path) if path.is_file() and path.stat().st_size > 1 else None
+
+    if table("carry") is not None:
+        return reproduction_markdown(root)
+    hidden = table("hidden")
+    if hidden is None:
+        return "No clusters were found (see the report's cluster section)."
+    return format_table(hidden.drop(columns=["paper"], errors="ignore"),
+                        "Hidden breakthroughs (cluster mean break step > tau)")
+
+
+def _fail(err: Exception):
+    typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
+    return typer.Exit(2)
 
 
 def _run_stages(target: Path, runs: Path, stages, quiet: bool) -> None:
+    from polca.api import stages_of
+
     try:
         ctx = _open(target, runs)
-        for name in stages:
-            typer.secho(f"── {name}", fg=typer.colors.CYAN, err=True)
-            result = _stage(name)(ctx, progress=not quiet)
-            if name == "evaluate" and result is not None:
-                from polca.stages.evaluate import format_tables
-
-                typer.echo(format_tables(result))
-            if name == "report" and result is not None:
-                typer.secho(f"report: {result}", fg=typer.colors.GREEN)
-        typer.secho(f"run: {ctx.run.root}", fg=typer.colors.GREEN)
-    except (ConfigError, StoreError, CheckpointError) as err:
-        typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
-        raise typer.Exit(2) from None
+        _execute(ctx, [s for s in stages if s in stages_of(ctx.cfg)] or stages, quiet)
+    except ERRORS as err:
+        raise _fail(err) from None
 
 
 @app.command()
@@ -82,7 +120,7 @@ def _single(name: str):
     return command
 
 
-for _name in (*STAGES, "measures"):
+for _name in STAGES:
     app.command(name=_name)(_single(_name))
 
 
@@ -96,6 +134,120 @@ def demo(which: Annotated[Demo, typer.Argument()] = Demo.addition,
          runs: RunsDir = Path("runs"), quiet: Quiet = False) -> None:
     """Run a shipped demo (configs/demo-<which>.toml) into RUNS/demo-<which>."""
     _run_stages(CONFIGS / f"demo-{which.value}.toml", runs, STAGES, quiet)
+
+
+@app.command()
+def reproduce(target: Target = CONFIGS / "demo-addition.toml",
+              out: Annotated[Path, typer.Option(help="markdown file to write")] = Path(
+                  "docs/reproduction.md"),
+              runs: RunsDir = Path("runs"), quiet: Quiet = False) -> None:
+    """Run every stage of an addition config, then write its reproduction table (ours beside
+    the paper's numbers) as markdown."""
+    from polca.report.reproduction import reproduction_markdown
+
+    _run_stages(target, runs, STAGES, quiet)
+    root = target if target.suffix != ".toml" else runs / load_config(target).name
+    command = f"polca reproduce {target} --out {out}"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(reproduction_markdown(root, command=command))
+    typer.secho(f"table: {out}", fg=typer.colors.GREEN)
+
+
+def _csv(text: str | None, kind=str) -> list | None:
+    return None if text is None else [kind(v.strip()) for v in text.split(",") if v.strip()]
+
+
+def _settings(items: list[str]) -> dict:
+    """``["basis.every=500", "decompose.batch_size=16"]`` as nested config sections."""
+    import tomllib
+
+    out: dict = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {item!r}: write SECTION.KEY=VALUE, e.g. basis.every=500")
+        try:
+            value = tomllib.loads(f"v = {text}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = text  # a bare word is a string
+        *sections, last = key.strip().split(".")
+        node = out
+        for section in sections:
+            node = node.setdefault(section, {})
+        node[last] = value
+    return out
+
+
+@app.command()
+def analyze(
+    probe: Annotated[Path, typer.Option(help="probe file: .txt, .jsonl or .parquet (see "
+                                             "docs/own-run.md)")],
+    hf: Annotated[str | None, typer.Option(
+        help="Hugging Face checkpoints: a glob of save_pretrained folders, their parent folder, "
+             "a hub cache models--org--name, or a series manifest .json")] = None,
+    revisions: Annotated[str | None, typer.Option(help="hub cache refs, comma-separated "
+                                                       "(default: every step* ref)")] = None,
+    checkpoints: Annotated[str | None, typer.Option(
+        help="state-dict files of any PyTorch model (.safetensors or weights-only .pt): a "
+             "glob or a folder; needs --factory")] = None,
+    factory: Annotated[str | None, typer.Option(
+        help='"module:function" or "path/file.py:function" returning the nn.Module')] = None,
+    loss_fn: Annotated[str | None, typer.Option(
+        "--loss-fn", help='"module:function" (logits, ProbeBatch) -> [tokens]; default '
+                          "next-token cross-entropy")] = None,
+    steps: Annotated[str | None, typer.Option(help="training steps of the checkpoints in "
+                                                   "order, comma-separated (default: from "
+                                                   "the files)")] = None,
+    tokenizer: Annotated[Path | None, typer.Option(help="tokenizer.json (default: the HF "
+                                                        "checkpoint's)")] = None,
+    context_length: Annotated[int | None, typer.Option(help="tokens kept per probe example")] = None,
+    max_tokens: Annotated[int | None, typer.Option(help="scored probe tokens at most")] = None,
+    basis_sample: Annotated[Path | None, typer.Option(
+        help="training sequences for the Hessian (probe formats; default: the probe set)")] = None,
+    basis: Annotated[str, typer.Option(help="bases, comma-separated: hessian, random, "
+                                            "shuffled-hessian, trajectory-pca")] = "hessian",
+    include: Annotated[str | None, typer.Option(help="parameter globs forming θ, "
+                                                     "comma-separated (default: all)")] = None,
+    name: Annotated[str | None, typer.Option(help="run name (default: the checkpoint "
+                                                  "folder's)")] = None,
+    runs: RunsDir = Path("runs"),
+    device: Annotated[str | None, typer.Option(help="cpu, cuda, …")] = None,
+    settings: Annotated[list[str], typer.Option(
+        "--set", help="any config value, SECTION.KEY=VALUE (repeatable), e.g. basis.every=500")
+    ] = [],  # noqa: B006 - typer needs a literal default
+    quiet: Quiet = False,
+) -> None:
+    """Analyse a run trained elsewhere: trajectories, basis, decomposition, clustering,
+    evaluation and the report into RUNS/NAME. Nothing is written if the checkpoints or the probe
+    file cannot be used."""
+    from polca.api import Run
+
+    try:
+        if (hf is None) == (checkpoints is None):
+            raise ConfigError("give exactly one of --hf (Hugging Face checkpoints) or "
+                              "--checkpoints (state-dict files, with --factory)")
+        config = _settings(settings)
+        config.setdefault("basis", {}).setdefault("kinds", _csv(basis))
+        common = {"name": name, "runs": runs, "steps": _csv(steps, int), "tokenizer": tokenizer,
+                  "config": config, "device": device, "context_length": context_length,
+                  "max_tokens": max_tokens, "basis_sample": basis_sample,
+                  "include": _csv(include)}
+        if hf is not None:
+            if factory or loss_fn:
+                raise ConfigError("--factory and --loss-fn apply to --checkpoints; a Hugging "
+                                  "Face series builds its model from config.json")
+            opened = Run.from_hf(hf, probe, revisions=_csv(revisions), **common)
+        else:
+            if factory is None:
+                raise ConfigError('--checkpoints needs --factory "module:function" that builds '
+                                  "the model the state dicts belong to")
+            opened = Run.from_module(factory, checkpoints, probe, loss_fn, **common)
+        typer.secho(f"{opened.root}: {len(opened.ctx.checkpoints.steps)} checkpoints, "
+                    f"{opened.ctx.probe.n_tokens} probe tokens, d = {opened.ctx.loss.space.dim}",
+                    err=True)
+        _execute(opened.ctx, ANALYSIS_STAGES, quiet)
+    except ERRORS as err:
+        raise _fail(err) from None
 
 
 if __name__ == "__main__":

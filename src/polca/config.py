@@ -27,7 +27,7 @@ class Section(BaseModel):
 
 class TaskConfig(Section):
     kind: Literal["addition", "moving_window_sum", "prefix_sum", "reversed_addition", "text",
-                  "jsonl"] = "addition"
+                  "jsonl", "external"] = "addition"
     n_probe: int = Field(1250, gt=0, description="probe problems (addition: 4 scored tokens each)")
     digits: int = Field(3, ge=1, le=6, description="operand digits (addition)")
     options: dict = Field(default_factory=dict, description="task-specific settings")
@@ -105,7 +105,9 @@ class DecomposeConfig(Section):
     lca: bool = True
     lca_top_parameters: int = Field(50, gt=0)
     engine: Literal["auto", "forward", "reverse"] = "auto"
-    batch_size: int = Field(256, gt=0)
+    batch_size: int = Field(512, gt=0, description="probe sequences per chunk")
+    dtype: Literal["float32", "float64"] = Field(
+        "float64", description="model arithmetic; projections accumulate in float64 either way")
     denominator_tol: float = Field(1e-12, ge=0)
 
 

@@ -158,12 +158,14 @@ def medoid_order(points: np.ndarray, chunk: int = 512) -> np.ndarray:
 def cluster_labels(tokens: pd.DataFrame, labels: np.ndarray, trajectories: np.ndarray,
                    coverage: float = 0.7, max_tags: int = 2, n_examples: int = 10,
                    n_targets: int = 5, ngram_column: str = "pos_4gram") -> pd.DataFrame:
-    """One row per cluster (noise, label -1, left out), ordered by cluster id.
+    """One row per cluster (labels >= 0; noise and other negative labels left out), ordered by
+    cluster id.
 
     Args:
         tokens: the probe token table (rows in token order) with ``text``, ``context`` and
             ``ngram_column``.
-        labels: ``[tokens]`` cluster of each token, -1 for noise.
+        labels: ``[tokens]`` cluster of each token; negative: in no cluster (-1 noise, -2
+            filtered, -3 dropped vector, as the cluster stage writes them).
         trajectories: ``[tokens, features]`` the trajectories that were clustered (for the
             medoid).
 
@@ -182,7 +184,7 @@ def cluster_labels(tokens: pd.DataFrame, labels: np.ndarray, trajectories: np.nd
                          f"{trajectories.shape} must describe the same tokens ([tokens, "
                          "features] trajectories)")
     rows = []
-    for cluster in sorted(set(labels.tolist()) - {-1}):
+    for cluster in np.unique(labels[labels >= 0]).tolist():
         members = np.flatnonzero(labels == cluster)
         pattern = pos_pattern(tokens[ngram_column].to_numpy()[members].tolist(), coverage)
         targets = sorted(Counter(tokens["text"].to_numpy()[members].tolist()).items(),

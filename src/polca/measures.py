@@ -41,13 +41,18 @@ from polca.functional import ModuleTokenLoss, ParameterSpace, ProbeBatch, next_t
 
 
 # -- the measures, on tensors ------------------------------------------------------------------
+def has_output_positions(batch: ProbeBatch) -> bool:
+    """Whether every row scores the same positions (a prompt followed by outputs), which the
+    measures of generated outputs need."""
+    return bool((batch.scored == batch.scored[0]).all()) and bool(batch.scored[0].any())
+
+
 def output_positions(batch: ProbeBatch) -> torch.Tensor:
     """``[outputs]`` scored positions, which must be the same in every row (prompt, outputs)."""
-    columns = batch.scored[0].nonzero()[:, 0]
-    if not bool((batch.scored == batch.scored[0]).all()) or len(columns) == 0:
+    if not has_output_positions(batch):
         raise ValueError("progress measures need probe rows that share their scored positions "
                          "(a prompt followed by outputs), as the loss-plateau tasks have")
-    return columns
+    return batch.scored[0].nonzero()[:, 0]
 
 
 @torch.no_grad()
@@ -140,19 +145,25 @@ def checkpoint_measures(
     layer: int = -1,
     batch_size: int = 512,
 ) -> dict[str, float]:
-    """Every measure for ``model`` as it is now (one checkpoint). ``cosine`` and
-    ``attention_progress`` need the built-in :class:`~polca.models.decoder.Decoder`
-    (``hidden_states``, ``attention_pattern``); for other modules they are left out, as is
-    ``attention_progress`` when no ``attention_targets [outputs, seq]`` are given."""
-    positions = output_positions(probe)
+    """Every measure for ``model`` as it is now (one checkpoint).
+
+    ``loss`` and the weight norms are always there. The measures of greedy outputs need probe
+    rows that share their scored positions (:func:`has_output_positions`; a free-form probe
+    such as a jsonl task's gets only loss and norms), ``repetition`` and ``cosine`` need two
+    such outputs. ``cosine`` and ``attention_progress`` need the built-in
+    :class:`~polca.models.decoder.Decoder` (``hidden_states``, ``attention_pattern``);
+    ``attention_progress`` also needs ``attention_targets [outputs, seq]``."""
+    outputs = has_output_positions(probe)
+    positions = output_positions(probe) if outputs else None
     loss = ModuleTokenLoss(model)
     theta = loss.space.flatten(dict(model.named_parameters()))
-    internals = hasattr(model, "hidden_states") and hasattr(model, "blocks")
+    internals = outputs and hasattr(model, "hidden_states") and hasattr(model, "blocks")
     losses, generated, hidden, patterns = [], [], [], []
     for chunk in probe.split(batch_size):
         logits = model(chunk.input_ids)
         losses.append(next_token_losses(logits, chunk))
-        generated.append(greedy_outputs(model, chunk.input_ids, positions))
+        if outputs:
+            generated.append(greedy_outputs(model, chunk.input_ids, positions))
         if internals:
             states = model.hidden_states(chunk.input_ids)
             hidden.append(model.ln_final(states[-1])[:, positions])
@@ -160,14 +171,18 @@ def checkpoint_measures(
             block_input = states[layer % len(model.blocks)]
             patterns.append(block.attn.attention_pattern(block.ln_attn(block_input))
                             [:, :, positions])
-    generated = torch.cat(generated)
-    accuracy = position_accuracy(generated, probe.targets[:, positions])
-    result = {"loss": float(torch.cat(losses).mean()), "accuracy": float(accuracy.mean())}
-    result.update({f"accuracy_out{j:02d}": float(a) for j, a in enumerate(accuracy)})
-    result["repetition"] = repetition_frequency(generated)
-    result["entropy"] = sequence_entropy(generated)
+    result = {"loss": float(torch.cat(losses).mean())}
+    if outputs:
+        generated = torch.cat(generated)
+        accuracy = position_accuracy(generated, probe.targets[:, positions])
+        result["accuracy"] = float(accuracy.mean())
+        result.update({f"accuracy_out{j:02d}": float(a) for j, a in enumerate(accuracy)})
+        if len(positions) >= 2:
+            result["repetition"] = repetition_frequency(generated)
+        result["entropy"] = sequence_entropy(generated)
     if internals:
-        result["cosine"] = representation_collapse(torch.cat(hidden), exclude=early_outputs)
+        if len(set(range(len(positions))) - set(early_outputs)) >= 2:
+            result["cosine"] = representation_collapse(torch.cat(hidden), exclude=early_outputs)
         if attention_targets is not None:
             targets = torch.as_tensor(np.asarray(attention_targets), device=theta.device)
             result["attention_progress"] = attention_progress(torch.cat(patterns), targets)
@@ -176,10 +191,13 @@ def checkpoint_measures(
 
 
 def reference_measures(probe: ProbeBatch) -> dict[str, float]:
-    """Repetition and entropy of the true outputs (what a perfect model reaches)."""
-    positions = output_positions(probe)
-    truth = probe.targets[:, positions]
-    return {"repetition": repetition_frequency(truth), "entropy": sequence_entropy(truth)}
+    """Repetition and entropy of the true outputs (what a perfect model reaches); empty when
+    the probe rows do not share their output positions."""
+    if not has_output_positions(probe):
+        return {}
+    truth = probe.targets[:, output_positions(probe)]
+    reference = {"repetition": repetition_frequency(truth)} if truth.shape[1] >= 2 else {}
+    return reference | {"entropy": sequence_entropy(truth)}
 
 
 def task_measure_inputs(task) -> tuple[np.ndarray | None, tuple[int, ...]]:

@@ -30,7 +30,8 @@ from matplotlib.figure import Figure
 from polca.cluster import EXACT_KINDS, LCA_ARRAY, PROJECTED_TERMS, cumulate
 from polca.evaluate import label_scores
 from polca.report import figures
-from polca.report.plateau import plateau_figure
+from polca.report.plateau import breaks_section, plateau_figure
+from polca.report.text import add_text_section
 from polca.stages.measures import ARRAY as MEASURES_ARRAY
 from polca.stages.measures import read_measures
 from polca.store import RunDir, atomic_write_bytes
@@ -110,11 +111,13 @@ def write_report(run_dir, max_vectors: int = 6, examples: int | None = None) -> 
     page = Page(f"polca report: {data.config_value(('name',), run.root.name)}")
     page.add("Configuration", config_section(data))
     page.add("Training", training_section(data, page))
-    page.add("Progress measures", measures_section(data, page))
+    page.add("Progress measures", measures_section(data, page) + breaks_section(
+        run, page.figure, data.config_value(("cluster", "top_clusters"), 3)))
     page.add("Basis provenance", basis_section(data))
     page.add("Decomposition diagnostics", diagnostics_section(data, page))
     page.add("Evaluation", evaluation_section(data))
     page.add("Clusters", clusters_section(data, page, max_vectors, examples))
+    add_text_section(page, run.root, examples)
     run.report.mkdir(parents=True, exist_ok=True)
     for name, png in page.figures.items():
         atomic_write_bytes(run.report / name, png)

@@ -1,6 +1,7 @@
 """Figures of progress measures (a ``[checkpoint × measure]`` table, index ``step``; see
 :mod:`polca.measures`): the loss-plateau panel figure, and the measures beside POLCA's cluster
-break times. Functions return a matplotlib Figure (no I/O).
+break times. Figure functions return a matplotlib Figure (no I/O); :func:`breaks_section`
+reads a run's measures and cluster break times and returns the report's HTML for them.
 
 Example:
     >>> table = pd.DataFrame({"loss": [2.8, 2.7, 0.1], "repetition": [0.2, 0.8, 0.05]},
@@ -14,14 +15,16 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 
+import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
 from polca.measures import plateau_summary
-from polca.report.figures import _color, _figure, _mark_breaks
+from polca.report.figures import _color, _figure
 
 PROGRESS_MEASURES = ("loss", "accuracy", "repetition", "entropy", "cosine",
                      "attention_progress", "weight_norm")
@@ -81,9 +84,9 @@ def measures_with_breaks(table: pd.DataFrame, breaks: Mapping | Sequence | None,
                          measures: Sequence[str] | None = None) -> Figure:
     """One panel per progress measure with cluster break times as vertical dashed lines.
 
-    ``breaks`` is a list of steps or ``{cluster name: step}`` (one colour per name, named in a
-    legend on the first panel); ``measures`` defaults to those of :data:`PROGRESS_MEASURES` in
-    the table.
+    ``breaks`` is a list of steps or ``{name: step or list of steps}`` (one colour per name,
+    e.g. per clustering, named in a legend on the first panel); ``measures`` defaults to those
+    of :data:`PROGRESS_MEASURES` in the table.
     """
     names = list(measures) if measures is not None else [
         m for m in PROGRESS_MEASURES if m in table]
@@ -94,16 +97,116 @@ def measures_with_breaks(table: pd.DataFrame, breaks: Mapping | Sequence | None,
                         height=2.8)
     axes = axes.ravel()
     steps = table.index.to_numpy()
-    keys = list(breaks) if isinstance(breaks, Mapping) else []
-    colors = {k: _color(i + 1) for i, k in enumerate(keys)}
+    groups = ({k: np.atleast_1d(np.asarray(v, dtype=float)) for k, v in breaks.items()}
+              if isinstance(breaks, Mapping) else {None: np.asarray(breaks or [], dtype=float)})
+    colors = {k: "0.3" if k is None else _color(i + 1) for i, k in enumerate(groups)}
     for ax, name in zip(axes, names):
         ax.plot(steps, table[name], color=_color(0))
         ax.set_title(name)
         ax.set_xlabel("step", fontsize=8)
-        _mark_breaks(ax, breaks, colors)
+        for key, values in groups.items():
+            for step in values[np.isfinite(values)]:
+                ax.axvline(float(step), color=colors[key], linestyle="--", linewidth=1.0,
+                           alpha=0.8)
     for ax in axes[len(names):]:
         ax.set_visible(False)
+    keys = [k for k in groups if k is not None]
     if keys:
         handles = [Line2D([], [], color=colors[k], linestyle="--", label=str(k)) for k in keys]
         axes[0].legend(handles=handles, fontsize=6)
     return fig
+
+
+BREAK_COLUMNS = ["clustering", "vector", "cluster", "size", "break_step", "hidden"]
+
+
+def top_cluster_breaks(breaks: Mapping[str, pd.DataFrame], top: int = 3) -> pd.DataFrame:
+    """The ``top`` largest clusters of each clustering (over all its vectors), from the cluster
+    stage's per-cluster tables (``{name: NAME.breaks.parquet}``: [vector,] cluster, size,
+    break_step, hidden). Columns clustering, vector (NaN for exact kinds), cluster, size,
+    break_step, hidden; largest first within a clustering.
+
+    >>> frame = pd.DataFrame({"cluster": [0, 1], "size": [5, 9], "break_step": [40., 90.],
+    ...                       "hidden": [False, True]})
+    >>> top_cluster_breaks({"loss": frame}, top=1)[["cluster", "break_step"]].values.tolist()
+    [[1.0, 90.0]]
+    """
+    rows = [frame.sort_values("size", ascending=False, kind="stable").head(top)
+            .assign(clustering=name).reindex(columns=BREAK_COLUMNS)
+            for name, frame in breaks.items() if len(frame)]
+    return pd.concat(rows, ignore_index=True) if rows else pd.DataFrame(columns=BREAK_COLUMNS)
+
+
+def measure_events(table: pd.DataFrame, measures: Sequence[str] | None = None) -> pd.DataFrame:
+    """Per progress measure, the checkpoint ending its steepest rise and the one ending its
+    steepest fall (the largest and smallest change between consecutive checkpoints).
+
+    >>> table = pd.DataFrame({"cosine": [0.1, 0.9, 0.95, 0.2]}, index=[0, 10, 20, 30])
+    >>> measure_events(table).set_index("measure").loc["cosine"].to_dict()
+    {'steepest_rise_step': 10.0, 'rise': 0.8, 'steepest_fall_step': 30.0, 'fall': -0.75}
+    """
+    names = list(measures) if measures is not None else [
+        m for m in PROGRESS_MEASURES if m in table]
+    rows = []
+    for name in names:
+        change = table[name].diff().iloc[1:]
+        rows.append([name, change.idxmax(), round(float(change.max()), 12),
+                     change.idxmin(), round(float(change.min()), 12)])
+    return pd.DataFrame(rows, columns=["measure", "steepest_rise_step", "rise",
+                                       "steepest_fall_step", "fall"])
+
+
+def measures_at(table: pd.DataFrame, steps: Sequence[float],
+                measures: Sequence[str] | None = None) -> pd.DataFrame:
+    """The measures at the checkpoint nearest each of ``steps`` (the earlier on a tie; NaN
+    for a NaN step), one row per step.
+
+    >>> table = pd.DataFrame({"cosine": [0.1, 0.9, 0.2]}, index=[0, 10, 20])
+    >>> measures_at(table, [4, 5, 19, float("nan")])["cosine"].tolist()
+    [0.1, 0.1, 0.2, nan]
+    """
+    names = list(measures) if measures is not None else [
+        m for m in PROGRESS_MEASURES if m in table]
+    index = table.index.to_numpy(dtype=float)
+    steps = np.asarray(steps, dtype=float)
+    nearest = np.argmin(np.abs(index[None] - np.nan_to_num(steps)[:, None]), axis=1)
+    values = table[names].to_numpy(dtype=float)[nearest]
+    values[np.isnan(steps)] = np.nan
+    return pd.DataFrame(values, columns=names)
+
+
+def breaks_section(run, figure: Callable[[str, Figure, str], str], top: int = 3) -> str:
+    """HTML for the report: the progress measures with the break times of the ``top`` largest
+    clusters of every clustering (one colour per clustering), a table of those clusters with
+    the measures at their break steps, and each measure's steepest rise and fall.
+
+    ``run`` is a :class:`~polca.store.RunDir`; ``figure(name, fig, alt) -> <img> HTML``
+    renders a figure (the report's ``Page.figure``). Empty when the run has no measures; a
+    note when it has no cluster break times yet.
+    """
+    # imported here, not at the top: polca.report.html imports this module
+    from polca.report.html import details, note, table
+    from polca.stages.measures import ARRAY, read_measures
+
+    if not (Path(run.root) / "arrays.zarr").is_dir() or ARRAY not in run.arrays():
+        return ""
+    paths = sorted(Path(run.clusters).glob("*.breaks.parquet"))
+    if not paths:
+        return note("no clusters/*.breaks.parquet: run `polca cluster` to set POLCA's break "
+                    "times beside the progress measures")
+    measures = read_measures(run)
+    clusters = top_cluster_breaks(
+        {p.name.removesuffix(".breaks.parquet"): pd.read_parquet(p) for p in paths}, top)
+    lines = {name: group["break_step"].to_numpy()
+             for name, group in clusters.groupby("clustering", sort=False)}
+    img = figure("measures_breaks", measures_with_breaks(measures, lines),
+                 "progress measures with cluster break times")
+    at_break = measures_at(measures, clusters["break_step"]).add_prefix("at break: ")
+    return (f"<p>POLCA beside the progress measures. Dashed lines: the mean break step of the "
+            f"{top} largest clusters of each clustering (one colour per clustering).</p>" + img
+            + table(pd.concat([clusters, at_break], axis=1),
+                    f"The {top} largest clusters of each clustering, with the progress measures "
+                    "at the checkpoint nearest their break step")
+            + details("steepest rise and fall of each progress measure", table(
+                measure_events(measures), "Per measure: the checkpoint ending its largest rise "
+                                          "and its largest fall between consecutive checkpoints")))

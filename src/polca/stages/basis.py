@@ -8,7 +8,6 @@ how to rebuild it.
 
 from __future__ import annotations
 
-import copy
 import warnings
 
 import torch
@@ -17,7 +16,6 @@ from tqdm.auto import tqdm
 from polca import bases
 from polca.bases import Basis, BasisError
 from polca.curvature import DTYPES, BasisCheckpoint, HessianOperator
-from polca.functional import ModuleTokenLoss
 from polca.stages.common import RunContext
 from polca.store import StoreError
 
@@ -45,19 +43,11 @@ def basis_checkpoint_positions(steps: list[int], every: int) -> list[int]:
     return positions or [len(steps) - 1]
 
 
-def _loss_in(ctx: RunContext, dtype: torch.dtype):
-    """The seam in the basis dtype (the context's own when they agree)."""
-    if dtype == ctx.dtype:
-        return ctx.loss
-    model = copy.deepcopy(ctx.model).to(dtype)
-    return ModuleTokenLoss(model, include=ctx.loss.space.names)
-
-
 def run_basis(ctx: RunContext, progress: bool = True) -> dict[str, Basis]:
     """Build (or resume, or skip) every configured basis; returns them by name."""
     cfg = ctx.cfg.basis
     dtype = DTYPES[cfg.dtype]
-    loss = _loss_in(ctx, dtype)
+    loss = ctx.loss_in(dtype)
     steps = ctx.checkpoints.steps
     positions = basis_checkpoint_positions(steps, cfg.every)
     n_vectors = len(positions) * cfg.per_checkpoint

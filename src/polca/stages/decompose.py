@@ -39,26 +39,28 @@ def run_decompose(ctx, progress: bool = True, on_interval: IntervalHook | None =
     if len(steps) < 2:
         raise StoreError(f"decompose needs at least 2 checkpoints, {ctx.run.checkpoints} has "
                          f"{len(steps)}")
-    thetas = _Thetas(ctx, steps)
+    dtype = getattr(torch, opts.dtype)
+    loss = ctx.loss_in(dtype)
+    thetas = _Thetas(ctx, steps, dtype)
     summaries = {}
     for name in names:
-        basis = Basis.load(ctx.run.basis, name, dim=ctx.loss.space.dim)
-        summaries[name] = _decompose_basis(ctx, basis, thetas, progress, on_interval)
+        basis = Basis.load(ctx.run.basis, name, dim=loss.space.dim)
+        summaries[name] = _decompose_basis(ctx, loss, basis, thetas, progress, on_interval)
         atomic_write_json(ctx.run.root / "diagnostics" / f"{name}.json", summaries[name])
     if opts.lca:
-        _lca(ctx, thetas, progress, on_interval)
+        _lca(ctx, loss, thetas, progress, on_interval)
     return summaries
 
 
 class _Thetas:
-    """Checkpoint parameters in the context's dtype, checked finite, the last few cached."""
+    """Checkpoint parameters in ``dtype``, checked finite, the last few cached."""
 
-    def __init__(self, ctx, steps: list[int]):
-        self.ctx, self.steps, self.cache = ctx, steps, {}
+    def __init__(self, ctx, steps: list[int], dtype: torch.dtype):
+        self.ctx, self.steps, self.dtype, self.cache = ctx, steps, dtype, {}
 
     def __getitem__(self, index: int) -> torch.Tensor:
         if index not in self.cache:
-            theta = self.ctx.theta(self.steps[index])
+            theta = self.ctx.theta(self.steps[index]).to(self.dtype)
             bad = int((~torch.isfinite(theta)).sum())
             if bad:
                 raise StoreError(f"checkpoint at step {self.steps[index]} has {bad} non-finite "
@@ -74,11 +76,11 @@ class _Thetas:
         return len(self.steps) - 1
 
 
-def _decompose_basis(ctx, basis: Basis, thetas: _Thetas, progress: bool,
+def _decompose_basis(ctx, loss, basis: Basis, thetas: _Thetas, progress: bool,
                      on_interval: IntervalHook | None) -> dict:
     opts = ctx.cfg.decompose
     arrays = ctx.run.arrays()
-    vectors = basis.vectors.to(device=ctx.device, dtype=ctx.dtype)
+    vectors = basis.vectors.to(device=ctx.device, dtype=thetas.dtype)
     m, T, n_tokens = len(basis), thetas.intervals, ctx.probe.n_tokens
     eigenvalues = _eigenvalues(basis) if "paper" in opts.curvature else None
     group = f"polca/{basis.name}"
@@ -94,7 +96,7 @@ def _decompose_basis(ctx, basis: Basis, thetas: _Thetas, progress: bool,
     nodes, _ = polca.simpson_nodes(opts.simpson_points)
 
     def derivatives(theta, order):
-        return directional_derivatives(ctx.loss, theta, vectors, ctx.probe, order=order,
+        return directional_derivatives(loss, theta, vectors, ctx.probe, order=order,
                                        engine=opts.engine, batch_size=opts.batch_size)
 
     checkpoint = _CheckpointDerivatives(arrays, f"{group}/grad", derivatives, thetas,
@@ -127,7 +129,7 @@ def _decompose_basis(ctx, basis: Basis, thetas: _Thetas, progress: bool,
             arrays.write_block(f"{group}/{name}", index, block.cpu().numpy(), key=t)
         if on_interval is not None:
             on_interval(group, t)
-    return _diagnostics(ctx, basis, arrays, group, terms, eigenvalues)
+    return _diagnostics(ctx, loss, basis, arrays, group, terms, eigenvalues, thetas)
 
 
 class _CheckpointDerivatives:
@@ -172,11 +174,11 @@ def _eigenvalues(basis: Basis) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.float64)
 
 
-def _probe_losses(ctx, arrays: ArrayStore, thetas: _Thetas) -> np.ndarray:
+def _probe_losses(ctx, loss, arrays: ArrayStore, thetas: _Thetas) -> np.ndarray:
     """``[token, checkpoint]`` exact losses: the trajectories stage's array, else computed."""
     if "loss" in arrays and len(arrays.done("loss")) == len(thetas.steps):
         return arrays.read("loss")
-    columns = [token_losses(ctx.loss, thetas[c], ctx.probe, ctx.cfg.decompose.batch_size)
+    columns = [token_losses(loss, thetas[c], ctx.probe, ctx.cfg.decompose.batch_size)
                for c in range(len(thetas.steps))]
     losses = torch.stack(columns, dim=1).to(torch.float64).cpu().numpy()
     if not np.isfinite(losses).all():
@@ -185,11 +187,11 @@ def _probe_losses(ctx, arrays: ArrayStore, thetas: _Thetas) -> np.ndarray:
     return losses
 
 
-def _diagnostics(ctx, basis: Basis, arrays: ArrayStore, group: str, terms: list[str],
-                 eigenvalues: torch.Tensor | None) -> dict:
+def _diagnostics(ctx, loss, basis: Basis, arrays: ArrayStore, group: str, terms: list[str],
+                 eigenvalues: torch.Tensor | None, thetas: _Thetas) -> dict:
     """Diagnostics from the stored blocks (so a resumed run reports what an uninterrupted one
     would)."""
-    losses = _probe_losses(ctx, arrays, _Thetas(ctx, list(ctx.checkpoints.steps)))
+    losses = _probe_losses(ctx, loss, arrays, thetas)
     diag = polca.DecompositionDiagnostics(len(basis))
     tol = ctx.cfg.decompose.denominator_tol
     T = losses.shape[1] - 1
@@ -209,11 +211,11 @@ def _diagnostics(ctx, basis: Basis, arrays: ArrayStore, group: str, terms: list[
             "denominator_tol": tol, **diag.summary()}
 
 
-def _lca(ctx, thetas: _Thetas, progress: bool, on_interval: IntervalHook | None) -> None:
+def _lca(ctx, loss, thetas: _Thetas, progress: bool, on_interval: IntervalHook | None) -> None:
     """Token-level top-k LCA baseline and the aggregate per-tensor LCA (Lan et al. 2020)."""
     opts = ctx.cfg.decompose
     arrays = ctx.run.arrays()
-    space = ctx.loss.space
+    space = loss.space
     T, n_tokens = thetas.intervals, ctx.probe.n_tokens
     top = polca.top_parameters(thetas[T], min(opts.lca_top_parameters, space.dim))
     attrs = {"steps": thetas.steps, "parameters": top.tolist(),
@@ -226,7 +228,7 @@ def _lca(ctx, thetas: _Thetas, progress: bool, on_interval: IntervalHook | None)
     endpoint_gradients: dict[int, torch.Tensor] = {}
 
     def aggregate_gradient(theta):
-        return mean_loss_gradient(ctx.loss, theta, ctx.probe, opts.batch_size)
+        return mean_loss_gradient(loss, theta, ctx.probe, opts.batch_size)
 
     todo = [t for t in range(T) if not (arrays.is_done("lca/top/first", t)
                                         and arrays.is_done("lca/tensors", t))]
@@ -234,7 +236,7 @@ def _lca(ctx, thetas: _Thetas, progress: bool, on_interval: IntervalHook | None)
         theta, theta_next = thetas[t], thetas[t + 1]
         step = theta_next - theta
         if not arrays.is_done("lca/top/first", t):
-            grad, _ = directional_derivatives(ctx.loss, theta, top.to(theta.device), ctx.probe,
+            grad, _ = directional_derivatives(loss, theta, top.to(theta.device), ctx.probe,
                                               order=1, engine=opts.engine,
                                               batch_size=opts.batch_size)
             allocation = polca.first_order(grad, step[top.to(step.device)].to(torch.float64))

@@ -10,7 +10,9 @@ Writes under ``<run>/evaluation/``:
   the paper's (``paper_*``; see :mod:`polca.evaluate` for the metric);
 * ``hidden.csv``: per clustering the fraction of clusters with a hidden breakthrough, with τ, Δ
   and the paper's fraction;
-* ``summary.json``: the same tables as records.
+* ``summary.json``: the same tables as records;
+* ``pos_clusters.parquet`` (token tables with POS columns, the text task): every cluster's POS
+  label, top targets and contexts nearest its medoid (:mod:`polca.report.text`).
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from polca import evaluate as E
-from polca.store import StoreError, atomic_write_bytes, atomic_write_json
+from polca.report.text import LABELS_FILE, has_pos, pos_cluster_table
+from polca.store import StoreError, atomic_write_bytes, atomic_write_json, atomic_write_parquet
 
 NOT_LABELS = ("token", "sequence", "position", "target", "text", "context")
 MAX_LABEL_VALUES = 100
@@ -44,7 +47,8 @@ def run_evaluate(ctx, labels=None, progress: bool = True) -> dict[str, pd.DataFr
     scores, clusters, carry, hidden = [], [], [], []
     for path in tqdm(results, desc="evaluate", unit="clustering", disable=not progress):
         meta = json.loads(path.read_text())
-        params = meta["params"]
+        # the paper's numbers are for its addition task only: other tasks get no paper column
+        params = dict(meta["params"], addition=ctx.cfg.task.kind == "addition")
         name = params["name"]
         assigned = pd.read_parquet(path.with_suffix(".parquet"))
         breaks = pd.read_parquet(path.with_name(f"{name}.breaks.parquet"))
@@ -75,6 +79,9 @@ def run_evaluate(ctx, labels=None, progress: bool = True) -> dict[str, pd.DataFr
         atomic_write_bytes(folder / f"{key}.csv", frame.to_csv(index=False).encode())
     atomic_write_json(folder / "summary.json", {
         key: json.loads(frame.to_json(orient="records")) for key, frame in tables.items()})
+    if has_pos(tokens):
+        atomic_write_parquet(folder / LABELS_FILE, pos_cluster_table(
+            ctx.run.root, ctx.cfg.report.examples_per_cluster))
     return tables
 
 
@@ -144,7 +151,7 @@ def _cluster_rows(head, vector, labels, breaks, tokens, columns) -> pd.DataFrame
 
 
 def _paper(params, field, rank=1):
-    row = E.paper_row(params["kind"], params["basis"])
+    row = E.paper_row(params["kind"], params["basis"]) if params.get("addition") else None
     if row is None:
         return None
     value = row[field]
@@ -155,7 +162,7 @@ def _paper(params, field, rank=1):
 
 def _with_paper(table: pd.DataFrame, head: dict, params: dict) -> pd.DataFrame:
     table = table.assign(**head)
-    row = E.paper_row(params["kind"], params["basis"])
+    row = E.paper_row(params["kind"], params["basis"]) if params.get("addition") else None
     table["paper_row"] = row["row"] if row else None
     for field in ("homogeneity", "recall", "f1"):
         table[f"paper_{field}"] = [_paper(params, field, int(r)) for r in table["rank"]]

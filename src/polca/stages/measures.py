@@ -7,6 +7,12 @@ attrs ``steps``, ``measures`` (the column names, e.g. ``loss``, ``accuracy_out00
 and marked done, so a killed stage resumes at the first missing checkpoint.
 :func:`read_measures` returns it as a table indexed by step.
 
+It runs for any task: the measures of greedy outputs (accuracy, repetition, entropy, cosine)
+need probe rows that share their scored positions (the plateau tasks, addition, text windows);
+a probe that does not (a jsonl task) gets the loss and weight norms only, and the attention
+progress measure needs a task with ``attention_targets()``. Its cost is one greedy generation
+of the probe outputs per checkpoint.
+
 Example:
     >>> ctx = open_run("runs/plateau-mws")                          # doctest: +SKIP
     >>> run_measures(ctx)                                           # doctest: +SKIP
@@ -23,6 +29,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from polca.config import ConfigError
 from polca.measures import checkpoint_measures, reference_measures, task_measure_inputs
 from polca.stages.common import RunContext
 from polca.store import RunDir, StoreError
@@ -38,6 +45,9 @@ def run_measures(ctx: RunContext, progress: bool = True, layer: int = -1,
     ``layer`` is the block whose attention the attention progress measure reads;
     ``batch_size`` (probe sequences per forward pass) defaults to ``trajectories.batch_size``.
     """
+    if ctx.cfg.task.kind == "external":
+        raise ConfigError(f"{ctx.run.root} is an external run: progress measures need the "
+                          "built-in decoder (greedy generation, hidden states, attention)")
     steps = ctx.checkpoints.steps
     arrays = ctx.run.arrays()
     todo = [i for i in range(len(steps)) if not arrays.is_done(ARRAY, i)]

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 from polca.checkpoints import CheckpointStore, checkpoint_schedule
 from polca.stages.common import RunContext
+from polca.store import StoreError
 from polca.train import train
 
 
 def run_train(ctx: RunContext, progress: bool = True) -> None:
+    if ctx.cfg.task.kind == "external":
+        raise StoreError("this run analyses checkpoints brought in from outside polca; there is "
+                         "nothing to train (run the analysis stages, e.g. `polca run`)")
     if not ctx.run.has_probe():
         ctx.run.write_probe(*ctx.task.probe_set())
     cfg = ctx.cfg

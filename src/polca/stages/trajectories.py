@@ -6,7 +6,6 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from polca.functional import next_token_losses
 from polca.stages.common import RunContext
 from polca.store import StoreError
 
@@ -17,7 +16,7 @@ def losses_and_correct(ctx: RunContext, theta: torch.Tensor) -> tuple[np.ndarray
     losses, correct = [], []
     for chunk in ctx.probe.split(ctx.cfg.trajectories.batch_size):
         logits = ctx.loss.logits(theta, chunk.input_ids)
-        losses.append(next_token_losses(logits, chunk))
+        losses.append(ctx.loss.loss_fn(logits, chunk))
         correct.append(logits[chunk.scored].argmax(-1) == chunk.targets[chunk.scored])
     return torch.cat(losses).cpu().numpy(), torch.cat(correct).cpu().numpy()
 

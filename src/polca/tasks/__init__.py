@@ -16,6 +16,7 @@ REGISTRY = {
     "reversed_addition": "polca.tasks.plateau:ReversedAddition",
     "text": "polca.tasks.text:TextTask",
     "jsonl": "polca.tasks.files:FileTask",
+    "external": "polca.tasks.external:ExternalTask",
 }
 
 

@@ -1,0 +1,78 @@
+"""The whole addition pipeline through the CLI: every stage, resumption, and float32."""
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from polca.cli import app
+from polca.config import dump_config, parse_config
+from polca.store import RunDir
+
+TINY = {
+    "name": "tiny", "task": {"n_probe": 60, "digits": 2},
+    "model": {"n_layers": 1, "d_model": 16, "n_heads": 2},
+    "train": {"steps": 120, "batch_size": 32, "lr": 3e-3, "warmup_steps": 10},
+    "checkpoints": {"every": 20},
+    "basis": {"kinds": ["hessian", "random"], "every": 40, "sample_size": 32},
+    "cluster": {"trajectories": ["loss", "delta_loss", "polca", "first_order"]},
+}
+
+
+def write_config(path, **changes):
+    data = {**TINY, **changes}
+    path.write_text(dump_config(parse_config(data)))
+    return path
+
+
+def invoke(*args):
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+@pytest.mark.slow
+def test_run_writes_every_stage_and_a_second_run_recomputes_nothing(tmp_path):
+    config = write_config(tmp_path / "tiny.toml")
+    output = invoke("run", config, "--runs", tmp_path / "runs", "-q")
+    root = tmp_path / "runs" / "tiny"
+    assert "exact loss L" in output and "report:" in output  # the reproduction table
+    run = RunDir(root)
+    for path in ("report/index.html", "evaluation/carry.csv", "evaluation/hidden.csv",
+                 "basis/hessian.json", "diagnostics/hessian.json", "clusters/polca-hessian.json"):
+        assert (root / path).is_file(), path
+    arrays = run.arrays()
+    m = len(arrays.read("polca/hessian/delta"))
+    assert m == 3  # one eigenvector per basis checkpoint: steps 40, 80, 120
+    assert arrays.read("polca/hessian/first").shape == (m, 6, 180)
+
+    stamps = {p: p.stat().st_mtime_ns for p in (root / "arrays.zarr").rglob("*") if p.is_file()}
+    invoke("run", config, "--runs", tmp_path / "runs", "-q")
+    after = {p: p.stat().st_mtime_ns for p in (root / "arrays.zarr").rglob("*") if p.is_file()}
+    assert after == stamps  # every block was already done: nothing rewritten
+
+
+@pytest.mark.slow
+def test_float32_decomposition_agrees_with_float64(tmp_path):
+    results = {}
+    for dtype in ("float64", "float32"):
+        config = write_config(tmp_path / f"{dtype}.toml", name=dtype,
+                              decompose={"dtype": dtype, "lca": False})
+        for stage in ("train", "trajectories", "basis", "decompose"):
+            invoke(stage, config, "--runs", tmp_path / "runs", "-q")
+        results[dtype] = RunDir(tmp_path / "runs" / dtype).arrays()
+    for name in ("polca/hessian/first", "polca/hessian/second_exact", "polca/hessian/integrated"):
+        exact, single = results["float64"].read(name), results["float32"].read(name)
+        scale = np.abs(exact).max()
+        assert np.abs(single - exact).max() <= 1e-4 * scale, name
+
+
+def test_analysis_of_an_incompletely_trained_run_is_refused(tmp_path):
+    config = write_config(tmp_path / "tiny.toml", train={**TINY["train"], "steps": 40})
+    invoke("train", config, "--runs", tmp_path / "runs", "-q")
+    longer = write_config(tmp_path / "tiny.toml", train={**TINY["train"], "steps": 40})
+    manifest = tmp_path / "runs" / "tiny" / "checkpoints" / "manifest.json"
+    text = manifest.read_text()
+    manifest.write_text(text.replace('"step": 40', '"step": 39'))  # as if killed before the end
+    result = CliRunner().invoke(app, ["basis", str(longer), "--runs", str(tmp_path / "runs")])
+    assert result.exit_code == 2
+    assert "incomplete" in result.output and "polca train" in result.output
