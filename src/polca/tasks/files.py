@@ -94,8 +94,8 @@ class FileTask:
         for row, seq in enumerate(sequences["input_ids"]):
             ids[row, : len(seq)] = torch.as_tensor(seq)
         scored = torch.zeros_like(ids, dtype=torch.bool)
-        scored[torch.as_tensor(tokens["sequence"].to_numpy()),
-               torch.as_tensor(tokens["position"].to_numpy())] = True
+        scored[torch.tensor(tokens["sequence"].to_numpy()),
+               torch.tensor(tokens["position"].to_numpy())] = True
         return ProbeBatch(ids, torch.roll(ids, -1, dims=1), scored)
 
     # -- Task protocol -------------------------------------------------------------------------
