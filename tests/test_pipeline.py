@@ -33,9 +33,16 @@ def invoke(*args):
 @pytest.mark.slow
 def test_run_writes_every_stage_and_a_second_run_recomputes_nothing(tmp_path):
     config = write_config(tmp_path / "tiny.toml")
-    output = invoke("run", config, "--runs", tmp_path / "runs", "-q")
+    doc = tmp_path / "reproduction.md"
+    doc.write_text("prose before\n<!-- reproduction table: begin -->\nold table\n"
+                   "<!-- reproduction table: end -->\nprose after\n")
+    output = invoke("reproduce", config, "--runs", tmp_path / "runs", "--out", doc, "-q")
     root = tmp_path / "runs" / "tiny"
     assert "exact loss L" in output and "report:" in output  # the reproduction table
+    text = doc.read_text()
+    assert text.startswith("prose before\n") and text.endswith("prose after\n")
+    assert "old table" not in text and f"polca reproduce {config}" in text
+    assert "| exact loss L |" in text
     run = RunDir(root)
     for path in ("report/index.html", "evaluation/carry.csv", "evaluation/hidden.csv",
                  "basis/hessian.json", "diagnostics/hessian.json", "clusters/polca-hessian.json"):
