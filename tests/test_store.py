@@ -1,7 +1,6 @@
 """Run directory: probe tables, array blocks and their completion markers."""
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 

@@ -29,4 +29,4 @@ def make_task(cfg: RunConfig, root=None) -> Task:
     return getattr(module, class_name).from_config(cfg, root)
 
 
-__all__ = ["Task", "make_task", "REGISTRY"]
+__all__ = ["REGISTRY", "Task", "make_task"]
