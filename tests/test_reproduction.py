@@ -14,8 +14,9 @@ def test_rows_carry_our_and_the_papers_values(tmp_path):
         "paper_homogeneity": [0.514, 0.973, 0.946], "paper_recall": [0.771, 0.736, None],
         "paper_f1": [0.617, 0.838, None],
     }).to_csv(folder / "carry.csv", index=False)
-    pd.DataFrame({"name": ["loss", "polca-hessian"], "n_clusters": [4, 9],
-                  "hidden_fraction": [0.0, 1 / 3], "paper": [0.0, 0.355]}).to_csv(
+    pd.DataFrame({"name": ["loss", "polca-hessian", "delta_loss"], "kind": ["loss", "polca",
+                  "delta_loss"], "basis": [None, "hessian", None], "n_clusters": [4, 9, 2],
+                  "hidden_fraction": [0.0, 1 / 3, 0.5]}).to_csv(
         folder / "hidden.csv", index=False)
     pd.DataFrame({"name": ["loss", "loss"], "label": ["place", "carry"],
                   "v_measure": [0.81, 0.1]}).to_csv(folder / "scores.csv", index=False)
@@ -26,7 +27,10 @@ def test_rows_carry_our_and_the_papers_values(tmp_path):
         "| exact loss L | 0.457 / – / – | 0.500 | 0.480 | 0.514 | 0.771 | 0.617 | 0.810 "
         "| 0.000 (4) | 0.000 |")
     assert "0.900 / 0.800 / –" in lines["POLCA, exact curvature"]
-    assert "0.973 / 0.946" in lines["POLCA, exact curvature"]
+    assert "0.973 / 0.946 / 0.903" in lines["POLCA, exact curvature"]
+    # a kind without an eligible cluster still shows the paper's values
+    assert lines["ΔL"] == ("| ΔL | – / – / – | – | – | 0.524 | 0.958 | 0.678 | – | 0.500 (2) "
+                           "| 0.000 |")
     assert "0.333 (9) | 0.355" in lines["POLCA, exact curvature"]
     assert "random basis" not in text  # rows absent from the run are left out
     assert "polca run configs/x.toml" in text

@@ -15,6 +15,7 @@ import math
 
 import pandas as pd
 
+from polca.evaluate import paper_row
 from polca.store import RunDir
 
 # (clustering name, row label) in the paper's order: decomposition strategies, then bases.
@@ -50,27 +51,28 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def carry_rows(carry: pd.DataFrame, hidden: pd.DataFrame, scores: pd.DataFrame) -> list[list[str]]:
-    """One row per clustering of :data:`ROWS` present in the run."""
+    """One row per clustering of :data:`ROWS` present in the run, the paper's values beside."""
     rows = []
     for name, label in ROWS:
         mine = carry[carry["name"] == name].sort_values("rank") if len(carry) else carry
         hid = hidden[hidden["name"] == name] if len(hidden) else hidden
         if not len(hid):
             continue
+        basis = hid["basis"].iloc[0] if "basis" in hid and pd.notna(hid["basis"].iloc[0]) else None
+        paper = paper_row(hid["kind"].iloc[0], basis) if "kind" in hid else None
         top = [_fmt(float(h)) for h in mine["homogeneity"]] + ["–"] * (3 - len(mine))
         best = mine.iloc[0] if len(mine) else None
-        paper_h = [_fmt(v) for v in mine["paper_homogeneity"]] if len(mine) else []
         place = scores[(scores["name"] == name) & (scores["label"] == "place")]
         rows.append([
             label, " / ".join(top[:3]),
             _fmt(None if best is None else float(best["recall"])),
             _fmt(None if best is None else float(best["f1"])),
-            " / ".join(p for p in paper_h if p != "–") or "–",
-            _fmt(None if best is None else best.get("paper_recall")),
-            _fmt(None if best is None else best.get("paper_f1")),
+            " / ".join(_fmt(v) for v in paper["homogeneity"]) if paper else "–",
+            _fmt(paper["recall"] if paper else None),
+            _fmt(paper["f1"] if paper else None),
             _fmt(float(place["v_measure"].mean()) if len(place) else None),
             f"{_fmt(float(hid['hidden_fraction'].iloc[0]))} ({int(hid['n_clusters'].iloc[0])})",
-            _fmt(hid["paper"].iloc[0] if "paper" in hid else None),
+            _fmt(paper["hidden_fraction"] if paper else None),
         ])
     return rows
 
