@@ -7,7 +7,12 @@ import numpy as np
 import pytest
 import torch
 import zarr
-from test_directional import autograd_token_gradients, orthonormal, tiny_problem
+from test_directional import (
+    autograd_token_gradients,
+    dense_token_hessians,
+    orthonormal,
+    tiny_problem,
+)
 
 from polca import decompose as polca
 from polca.bases import Basis, BasisError
@@ -258,6 +263,29 @@ def test_stage_writes_the_contract_arrays_matching_autograd_oracles(tmp_path):
                                    rtol=0, atol=1e-14)
         np.testing.assert_allclose(arrays.read("polca/random/first")[:, t],
                                    grad[:, t] * deltas[:, t, None], rtol=0, atol=1e-15)
+    # second-order terms, Fisher and the integrated allocation, each from autograd oracles
+    eigenvalues = np.array([1.0 + i for i in range(M_VECTORS)])  # the basis provenance above
+    mean_grad = grad.mean(axis=2)  # ⟨b, ∇L_X(θ_c)⟩, L_X the mean probe loss
+    for t in range(T):
+        hessians = dense_token_hessians(ctx.loss, thetas[t], ctx.probe)  # [tokens, d, d]
+        curvature = torch.einsum("md,xde,me->mx", vectors, hessians, vectors).numpy()
+        np.testing.assert_allclose(arrays.read("polca/random/second_exact")[:, t],
+                                   0.5 * curvature * deltas[:, t, None] ** 2, rtol=1e-9,
+                                   atol=1e-15)
+        np.testing.assert_allclose(arrays.read("polca/random/fisher")[:, t], grad[:, t] ** 2,
+                                   rtol=0, atol=1e-15)
+        denominator = mean_grad[:, t + 1] - mean_grad[:, t]
+        if t != 1:  # interval 1 repeats its checkpoint: checked below
+            kappa = eigenvalues[:, None] * (grad[:, t + 1] - grad[:, t]) / denominator[:, None]
+            np.testing.assert_allclose(arrays.read("polca/random/second_paper")[:, t],
+                                       0.5 * kappa * deltas[:, t, None] ** 2, rtol=1e-9,
+                                       atol=1e-15)
+        step = thetas[t + 1] - thetas[t]
+        middle = vectors @ autograd_token_gradients(ctx.loss, thetas[t] + 0.5 * step,
+                                                    ctx.probe).T
+        simpson = (grad[:, t] + 4 * middle.numpy() + grad[:, t + 1]) / 6
+        np.testing.assert_allclose(arrays.read("polca/random/integrated")[:, t],
+                                   simpson * deltas[:, t, None], rtol=1e-10, atol=1e-15)
     # LCA top-k: brute-force per-token autograd gradients at each interval start
     top = arrays.attrs("lca/top/first")["parameters"]
     assert top == sorted(sorted(range(len(thetas[-1])), key=lambda i: -abs(float(thetas[-1][i])))
@@ -282,7 +310,7 @@ def test_stage_writes_the_contract_arrays_matching_autograd_oracles(tmp_path):
     # the repeated checkpoint: interval 1 has δ = 0, flagged, finite, paper denominators zeroed
     summary = summaries["random"]
     assert summary["zero_step_intervals"] == [1]
-    assert summary["paper_small_denominators"] >= M_VECTORS
+    assert summary["paper_small_denominators"] == M_VECTORS  # exactly interval 1's
     assert np.all(arrays.read("polca/random/second_paper")[:, 1] == 0)
     for name, value in stored_arrays(tmp_path).items():
         assert np.isfinite(value).all(), name
@@ -339,4 +367,14 @@ def test_stage_rejects_bad_inputs(tmp_path):
     ctx, thetas, vectors = make_context(tmp_path / "noeig")
     Basis("random", "random", vectors, [{}] * M_VECTORS).save(ctx.run.basis)
     with pytest.raises(StoreError, match="no eigenvalue"):
+        run_decompose(ctx, progress=False)
+
+
+def test_stage_refuses_to_resume_on_a_changed_basis(tmp_path):
+    ctx, _, vectors = make_context(tmp_path, n_checkpoints=3, decompose={"lca": False})
+    run_decompose(ctx, progress=False)
+    basis = Basis.load(ctx.run.basis, "random")
+    Basis("random", "random", orthonormal(vectors.shape[1], M_VECTORS, seed=99),
+          basis.provenance).save(ctx.run.basis)
+    with pytest.raises(StoreError, match="another basis named 'random'"):
         run_decompose(ctx, progress=False)

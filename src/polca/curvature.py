@@ -89,7 +89,10 @@ class HessianOperator:
         if isinstance(vectors, np.ndarray):
             out = self._apply(torch.as_tensor(vectors, dtype=self.dtype, device=self.theta.device))
             return out.cpu().numpy().astype(vectors.dtype, copy=False)
-        return self._apply(vectors.to(self.dtype))
+        # the solver's vectors may live elsewhere (the CPU): products come back where they came
+        # from, so only the Hessian-vector products run on the model's device
+        out = self._apply(vectors.to(device=self.theta.device, dtype=self.dtype))
+        return out.to(vectors.device)
 
     def matvec(self, vector: torch.Tensor) -> torch.Tensor:
         return self @ vector

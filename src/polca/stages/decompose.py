@@ -12,6 +12,7 @@ or read back from the store, so a resumed run writes the same bytes as an uninte
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 
 import numpy as np
@@ -53,14 +54,15 @@ def run_decompose(ctx, progress: bool = True, on_interval: IntervalHook | None =
 
 
 class _Thetas:
-    """Checkpoint parameters in ``dtype``, checked finite, the last few cached."""
+    """Checkpoint parameters in float64 (projections such as δ = ⟨b, Δθ⟩ are formed in
+    float64), checked finite, the last few cached; ``dtype`` is the model's arithmetic."""
 
     def __init__(self, ctx, steps: list[int], dtype: torch.dtype):
         self.ctx, self.steps, self.dtype, self.cache = ctx, steps, dtype, {}
 
     def __getitem__(self, index: int) -> torch.Tensor:
         if index not in self.cache:
-            theta = self.ctx.theta(self.steps[index]).to(self.dtype)
+            theta = self.ctx.theta(self.steps[index]).to(torch.float64)
             bad = int((~torch.isfinite(theta)).sum())
             if bad:
                 raise StoreError(f"checkpoint at step {self.steps[index]} has {bad} non-finite "
@@ -80,11 +82,14 @@ def _decompose_basis(ctx, loss, basis: Basis, thetas: _Thetas, progress: bool,
                      on_interval: IntervalHook | None) -> dict:
     opts = ctx.cfg.decompose
     arrays = ctx.run.arrays()
-    vectors = basis.vectors.to(device=ctx.device, dtype=thetas.dtype)
+    vectors64 = basis.vectors.to(device=ctx.device, dtype=torch.float64)
+    vectors = vectors64.to(thetas.dtype)  # tangents in the model's arithmetic
     m, T, n_tokens = len(basis), thetas.intervals, ctx.probe.n_tokens
-    eigenvalues = _eigenvalues(basis) if "paper" in opts.curvature else None
+    eigenvalues = _eigenvalues(basis).to(ctx.device) if "paper" in opts.curvature else None
     group = f"polca/{basis.name}"
-    attrs = {"basis": basis.name, "steps": thetas.steps}
+    # blocks computed on one basis must never be resumed with another of the same name
+    fingerprint = hashlib.sha256(basis.vectors.cpu().numpy().tobytes()).hexdigest()
+    attrs = {"basis": basis.name, "steps": thetas.steps, "basis_sha256": fingerprint}
     arrays.require(f"{group}/delta", (m, T), (m, 1), ("vector", "interval"), attrs=attrs)
     arrays.require(f"{group}/grad", (m, T + 1, n_tokens), (m, 1, n_tokens),
                    ("vector", "checkpoint", "token"), attrs=attrs)
@@ -93,11 +98,19 @@ def _decompose_basis(ctx, loss, basis: Basis, thetas: _Thetas, progress: bool,
     for term in terms:
         arrays.require(f"{group}/{term}", (m, T, n_tokens), (m, 1, n_tokens),
                        ("vector", "interval", "token"), attrs=attrs)
+    stored = arrays.attrs(f"{group}/delta").get("basis_sha256")
+    if stored != fingerprint:
+        raise StoreError(
+            f"the arrays under {group} were computed on another basis named {basis.name!r} "
+            f"(basis/{basis.name}.safetensors changed since); delete "
+            f"{ctx.run.root / 'arrays.zarr' / group} and {ctx.run.progress / group} to "
+            "decompose on the new basis")
     nodes, _ = polca.simpson_nodes(opts.simpson_points)
 
     def derivatives(theta, order):
-        return directional_derivatives(loss, theta, vectors, ctx.probe, order=order,
-                                       engine=opts.engine, batch_size=opts.batch_size)
+        return directional_derivatives(loss, theta.to(thetas.dtype), vectors, ctx.probe,
+                                       order=order, engine=opts.engine,
+                                       batch_size=opts.batch_size)
 
     checkpoint = _CheckpointDerivatives(arrays, f"{group}/grad", derivatives, thetas,
                                         needs_curvature=lambda c: "exact" in opts.curvature
@@ -107,7 +120,7 @@ def _decompose_basis(ctx, loss, basis: Basis, thetas: _Thetas, progress: bool,
     ) or not arrays.is_done(f"{group}/grad", t) or not arrays.is_done(f"{group}/grad", t + 1)]
     for t in tqdm(todo, desc=f"POLCA {basis.name}", disable=not progress, unit="interval"):
         theta, theta_next = thetas[t], thetas[t + 1]
-        delta = polca.interval_deltas(theta, theta_next, vectors)
+        delta = polca.interval_deltas(theta, theta_next, vectors64)
         grad, curvature = checkpoint(t)
         grad_next, _ = checkpoint(t + 1)
         blocks = {"delta": delta, "first": polca.first_order(grad, delta)}
@@ -178,7 +191,8 @@ def _probe_losses(ctx, loss, arrays: ArrayStore, thetas: _Thetas) -> np.ndarray:
     """``[token, checkpoint]`` exact losses: the trajectories stage's array, else computed."""
     if "loss" in arrays and len(arrays.done("loss")) == len(thetas.steps):
         return arrays.read("loss")
-    columns = [token_losses(loss, thetas[c], ctx.probe, ctx.cfg.decompose.batch_size)
+    columns = [token_losses(loss, thetas[c].to(thetas.dtype), ctx.probe,
+                            ctx.cfg.decompose.batch_size)
                for c in range(len(thetas.steps))]
     losses = torch.stack(columns, dim=1).to(torch.float64).cpu().numpy()
     if not np.isfinite(losses).all():
@@ -228,7 +242,8 @@ def _lca(ctx, loss, thetas: _Thetas, progress: bool, on_interval: IntervalHook |
     endpoint_gradients: dict[int, torch.Tensor] = {}
 
     def aggregate_gradient(theta):
-        return mean_loss_gradient(loss, theta, ctx.probe, opts.batch_size)
+        return mean_loss_gradient(loss, theta.to(thetas.dtype), ctx.probe,
+                                  opts.batch_size).to(torch.float64)
 
     todo = [t for t in range(T) if not (arrays.is_done("lca/top/first", t)
                                         and arrays.is_done("lca/tensors", t))]
@@ -236,10 +251,11 @@ def _lca(ctx, loss, thetas: _Thetas, progress: bool, on_interval: IntervalHook |
         theta, theta_next = thetas[t], thetas[t + 1]
         step = theta_next - theta
         if not arrays.is_done("lca/top/first", t):
-            grad, _ = directional_derivatives(loss, theta, top.to(theta.device), ctx.probe,
+            grad, _ = directional_derivatives(loss, theta.to(thetas.dtype), top.to(theta.device),
+                                              ctx.probe,
                                               order=1, engine=opts.engine,
                                               batch_size=opts.batch_size)
-            allocation = polca.first_order(grad, step[top.to(step.device)].to(torch.float64))
+            allocation = polca.first_order(grad, step[top.to(step.device)])
             arrays.write_block("lca/top/first", (slice(None), t, slice(None)),
                                allocation.cpu().numpy(), key=t)
         if not arrays.is_done("lca/tensors", t):
@@ -248,7 +264,7 @@ def _lca(ctx, loss, thetas: _Thetas, progress: bool, on_interval: IntervalHook |
                     endpoint_gradients[c] = aggregate_gradient(thetas[c])
             inner = [aggregate_gradient(theta + float(s) * step) for s in nodes[1:-1]]
             path = torch.stack([endpoint_gradients[t], *inner, endpoint_gradients[t + 1]])
-            per_tensor = polca.lca_per_tensor(path, step.to(torch.float64), space.slices)
+            per_tensor = polca.lca_per_tensor(path, step, space.slices)
             arrays.write_block("lca/tensors", (slice(None), t), per_tensor.cpu().numpy(), key=t)
             endpoint_gradients.pop(t - 1, None)
         if on_interval is not None:
