@@ -204,3 +204,15 @@ def test_algorithm_one_resumes_and_caps(algorithm_one):
     capped, capped_info = hessian_basis(loss, checkpoints, sample, k=2, tol=1e-10, max_vectors=3)
     torch.testing.assert_close(capped, reference[:3], rtol=0, atol=1e-12)
     assert [e["checkpoint"] for e in capped_info] == [0, 0, 1]
+
+
+@pytest.mark.parametrize("solver", ["eigsh", "lanczos"])
+def test_largest_algebraic_not_largest_magnitude(solver):
+    # a dominant negative eigenvalue must not be returned: Algorithm 1 wants the top of P H P
+    values = torch.tensor([-10.0, 3.0, 2.0, 1.0, 0.5, 0.25, 0.1, 0.05], dtype=torch.float64)
+    rotation = torch.linalg.qr(torch.randn(8, 8, generator=torch.Generator().manual_seed(0),
+                                           dtype=torch.float64))[0]
+    matrix = rotation @ torch.diag(values) @ rotation.T
+    found, vectors, _ = top_eigenpairs(matrix, 2, tol=1e-10, solver=solver)
+    torch.testing.assert_close(found, torch.tensor([3.0, 2.0], dtype=torch.float64))
+    assert abs(float(vectors[0] @ rotation[:, 1])) == pytest.approx(1.0, abs=1e-6)
