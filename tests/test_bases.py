@@ -19,15 +19,6 @@ from polca.store import RunDir, StoreError
 STEPS = [0, 100, 200, 300, 400]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run ~100x faster on one thread when the cores are shared (measured)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_model():
     torch.manual_seed(0)
     cfg = DecoderConfig(vocab_size=5, context_length=6, n_layers=1, d_model=4, n_heads=2, d_mlp=8)

@@ -20,15 +20,6 @@ from polca.models.decoder import Decoder, DecoderConfig
 SOLVERS = ["eigsh", "lanczos"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run ~100x faster on one thread when the cores are shared (measured)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_problem(seed=0, n=6, scale=0.5):
     """A float64 decoder (d = 244), random parameters of order ``scale``, and a sample."""
     torch.manual_seed(seed)

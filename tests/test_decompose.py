@@ -163,16 +163,6 @@ def test_paper_curvature_zeroes_and_counts_tiny_denominators():
 
 
 # diagnostics and trajectories ------------------------------------------------------------------
-def test_projected_trajectory_is_a_running_sum_starting_at_zero():
-    terms = torch.randn(2, 4, 3, dtype=torch.float64)
-    trajectory = polca.projected_trajectory(terms)
-    assert trajectory.shape == (2, 5, 3)
-    expected = torch.zeros(2, 5, 3, dtype=torch.float64)
-    for t in range(4):
-        expected[:, t + 1] = expected[:, t] + terms[:, t]
-    torch.testing.assert_close(trajectory, expected, rtol=0, atol=1e-15)
-
-
 def test_diagnostics_match_direct_formulas():
     g = torch.Generator().manual_seed(0)
     m, T, n = 3, 4, 5

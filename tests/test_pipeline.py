@@ -76,10 +76,9 @@ def test_float32_decomposition_agrees_with_float64(tmp_path):
 def test_analysis_of_an_incompletely_trained_run_is_refused(tmp_path):
     config = write_config(tmp_path / "tiny.toml", train={**TINY["train"], "steps": 40})
     invoke("train", config, "--runs", tmp_path / "runs", "-q")
-    longer = write_config(tmp_path / "tiny.toml", train={**TINY["train"], "steps": 40})
     manifest = tmp_path / "runs" / "tiny" / "checkpoints" / "manifest.json"
     text = manifest.read_text()
     manifest.write_text(text.replace('"step": 40', '"step": 39'))  # as if killed before the end
-    result = CliRunner().invoke(app, ["basis", str(longer), "--runs", str(tmp_path / "runs")])
+    result = CliRunner().invoke(app, ["basis", str(config), "--runs", str(tmp_path / "runs")])
     assert result.exit_code == 2
     assert "incomplete" in result.output and "polca train" in result.output

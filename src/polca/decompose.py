@@ -11,7 +11,7 @@ For one interval t → t+1 with Δθ_t = θ_{t+1} − θ_t and a basis ``vectors
 
 Diagnostics (residual, explained fraction, first- vs second-order agreement, paper-vs-exact
 RMSE) are accumulated interval by interval in :class:`DecompositionDiagnostics`, and
-:func:`projected_trajectory` cumulates interval terms into the clustered trajectories.
+:func:`polca.cluster.cumulate` cumulates interval terms into the clustered trajectories.
 
 Example:
     >>> grad = torch.tensor([[1.0, -2.0]], dtype=torch.float64)   # [m=1, tokens=2]
@@ -129,13 +129,6 @@ def lca_per_tensor(
     _, weights = simpson_nodes(path_gradients.shape[0])
     per_parameter = (weights.to(path_gradients) @ path_gradients) * theta_delta.to(path_gradients)
     return torch.stack([per_parameter[s].sum() for s in slices.values()])
-
-
-def projected_trajectory(terms: torch.Tensor) -> torch.Tensor:
-    """``[m, T+1, tokens]`` PL with PL[:, 0] = 0 and PL[:, t] = Σ_{t'<t} terms[:, t'] from
-    interval terms ``[m, T, tokens]``."""
-    zero = terms.new_zeros(terms.shape[0], 1, *terms.shape[2:])
-    return torch.cat([zero, terms.cumsum(dim=1)], dim=1)
 
 
 def residual(delta_loss: torch.Tensor, terms: torch.Tensor) -> torch.Tensor:

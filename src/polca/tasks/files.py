@@ -33,6 +33,7 @@ import torch
 
 from polca.functional import ProbeBatch
 from polca.probes import ProbeFileError, probe_tables, read_examples
+from polca.store import probe_batch
 
 
 class FileTask:
@@ -74,7 +75,7 @@ class FileTask:
                      for s, p in zip(self.probe_tokens["sequence"], self.probe_tokens["position"])])
         self.probe_sequences = self.probe_sequences.assign(
             text=[self.decode(ids) for ids in self.probe_sequences["input_ids"]])
-        self._train = self._padded(self.train_sequences, self.train_tokens)
+        self._train = probe_batch(self.train_sequences, self.train_tokens)
 
     @classmethod
     def from_config(cls, cfg, root=None) -> FileTask:
@@ -87,16 +88,6 @@ class FileTask:
         if unknown:
             raise ProbeFileError(f"unknown task.options {sorted(unknown)} for kind 'jsonl'")
         return cls(seed=cfg.seed, **options)
-
-    def _padded(self, sequences: pd.DataFrame, tokens: pd.DataFrame) -> ProbeBatch:
-        """All sequences as one ``[n, sequence_length]`` batch (zero-padded, pads unscored)."""
-        ids = torch.zeros(len(sequences), self.sequence_length, dtype=torch.long)
-        for row, seq in enumerate(sequences["input_ids"]):
-            ids[row, : len(seq)] = torch.as_tensor(seq)
-        scored = torch.zeros_like(ids, dtype=torch.bool)
-        scored[torch.tensor(tokens["sequence"].to_numpy()),
-               torch.tensor(tokens["position"].to_numpy())] = True
-        return ProbeBatch(ids, torch.roll(ids, -1, dims=1), scored)
 
     # -- Task protocol -------------------------------------------------------------------------
     def train_batch(self, step: int, batch_size: int) -> ProbeBatch:

@@ -159,6 +159,11 @@ class SequenceTask:
 class _IntegerSequenceTask(SequenceTask):
     """Integers in [1, max_value], a separator, then ``n_inputs`` outputs modulo ``modulus``."""
 
+    @classmethod
+    def from_config(cls, cfg, root=None) -> _IntegerSequenceTask:
+        return cls(**_check_options(cls.name, cfg.task.options), n_probe=cfg.task.n_probe,
+                   seed=cfg.seed)
+
     def __init__(self, n_inputs: int, max_value: int, modulus: int):
         if n_inputs < 2 or max_value < 1:
             raise ValueError(f"need n_inputs ≥ 2 and max_value ≥ 1, got {n_inputs}, {max_value}")
@@ -205,11 +210,6 @@ class MovingWindowSum(_IntegerSequenceTask):
         self.early_outputs = tuple(range(window - 1))
         self._setup(n_probe, seed, train_size)
 
-    @classmethod
-    def from_config(cls, cfg, root=None) -> MovingWindowSum:
-        return cls(**_check_options(cls.name, cfg.task.options), n_probe=cfg.task.n_probe,
-                   seed=cfg.seed)
-
     def _sample(self, rng, n):
         x = self._inputs(rng, n)
         sums = np.lib.stride_tricks.sliding_window_view(x, self.window, axis=1).sum(-1)
@@ -246,11 +246,6 @@ class PrefixSum(_IntegerSequenceTask):
                  n_probe: int = 256, seed: int = 0, train_size: int | None = None):
         super().__init__(n_inputs, max_value, modulus)
         self._setup(n_probe, seed, train_size)
-
-    @classmethod
-    def from_config(cls, cfg, root=None) -> PrefixSum:
-        return cls(**_check_options(cls.name, cfg.task.options), n_probe=cfg.task.n_probe,
-                   seed=cfg.seed)
 
     def _sample(self, rng, n):
         x = self._inputs(rng, n)
