@@ -67,6 +67,8 @@ class CheckpointConfig(Section):
     every: int | None = Field(None, gt=0, description="a checkpoint every N steps")
     steps: list[int] | None = Field(None, description="an explicit list of steps")
     log_spaced: int | None = Field(None, gt=1, description="N log-spaced steps")
+    start: int = Field(0, ge=0, description="first checkpoint: analyse training from this step "
+                                            "on (earlier steps are trained, not stored)")
 
     @model_validator(mode="after")
     def _one_schedule(self):
@@ -140,6 +142,17 @@ class RunConfig(Section):
     decompose: DecomposeConfig = DecomposeConfig()
     cluster: ClusterConfig = ClusterConfig()
     report: ReportConfig = ReportConfig()
+
+    @model_validator(mode="after")
+    def _checkpoints_within_training(self):
+        start, total = self.checkpoints.start, self.train.steps
+        if start >= total:
+            raise ValueError(f"checkpoints.start ({start}) must be below train.steps ({total})")
+        outside = [s for s in self.checkpoints.steps or () if not start <= s <= total]
+        if outside:
+            raise ValueError(f"checkpoints.steps {outside} lie outside checkpoints.start.."
+                             f"train.steps ({start}..{total})")
+        return self
 
 
 def load_config(path: str | Path) -> RunConfig:
