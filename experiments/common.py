@@ -13,13 +13,13 @@ import os
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from pathlib import Path  # noqa: E402
+from pathlib import Path
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
 
-from polca.config import RunConfig, parse_config  # noqa: E402
-from polca.store import probe_batch  # noqa: E402
+from polca.config import RunConfig, parse_config
+from polca.store import probe_batch
 
 torch.set_num_threads(1)  # results depend on the thread count (docs/reproduction.md)
 

@@ -68,18 +68,18 @@ def _r(name, what, every=50, planted=False, **sections):
 REGIMES = [
     _r("d64-lr1e-3", "2L d64, lr 1e-3 (the demo's model and rate)"),
     _r("d64-lr3e-3", "2L d64, lr 3e-3", train={"lr": 3e-3, "steps": 3000}),
-    _r("d64-lr3e-4", "2L d64, lr 3e-4, 8000 steps (≈ the paper's per-step change)", every=100,
-       train={"lr": 3e-4, "steps": 8000}),
+    _r("d64-lr3e-4", "2L d64, lr 3e-4, 8000 steps (≈ the paper's per-step change)",
+       every=100, train={"lr": 3e-4, "steps": 8000}),
     _r("d64-lr1e-4", "2L d64, lr 1e-4, 20000 steps", every=100,
        train={"lr": 1e-4, "steps": 20000}),
     _r("d128-lr1e-3", "2L d128, lr 1e-3", model={"d_model": 128}, train={"steps": 3000}),
     _r("d128-lr3e-4", "2L d128, lr 3e-4, 6000 steps", every=100, model={"d_model": 128},
        train={"lr": 3e-4, "steps": 6000}),
-    _r("d128-lr1e-4", "2L d128, lr 1e-4, 12000 steps (≈ the paper's per-step change)", every=100, model={"d_model": 128},
-       train={"lr": 1e-4, "steps": 12000}),
+    _r("d128-lr1e-4", "2L d128, lr 1e-4, 12000 steps (≈ the paper's per-step change)",
+       every=100, model={"d_model": 128}, train={"lr": 1e-4, "steps": 12000}),
     _r("d64-3L-lr1e-3", "3L d64, lr 1e-3", model={"n_layers": 3}),
-    _r("d256-lr2.5e-4", "2L d256, lr 2.5e-4, 3000 steps (≈ d64 at 1e-3 per step)", model={"d_model": 256},
-       train={"lr": 2.5e-4, "steps": 3000}),
+    _r("d256-lr2.5e-4", "2L d256, lr 2.5e-4, 3000 steps (≈ d64 at 1e-3 per step)",
+       model={"d_model": 256}, train={"lr": 2.5e-4, "steps": 3000}),
     _r("d64-warmup1000", "2L d64, lr 1e-3, warm-up 1000 steps", train={"warmup_steps": 1000}),
     _r("d64-batch256", "2L d64, lr 1e-3, batch 256", train={"batch_size": 256}),
     _r("d64-batch16", "2L d64, lr 1e-3, batch 16", train={"batch_size": 16}),
@@ -206,9 +206,9 @@ def _t(value) -> str:
 
 
 def markdown(table: pd.DataFrame) -> str:
-    lines = ["| regime | seed | place | t_c (carry) | t_n (no carry) | t_c − t_n | final acc. c / n "
-             "| lowest acc. after 0.8, c / n | seed passes | train time |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    header = ("| regime | seed | place | t_c (carry) | t_n (no carry) | t_c − t_n "
+              "| final acc. c / n | lowest acc. after 0.8, c / n | seed passes | train time |")
+    lines = [header, "|---|---|---|---|---|---|---|---|---|---|"]
     for _, r in table.iterrows():
         planted = " (planted)" if BY_NAME[r.regime].planted else ""
         gap = "–" if not np.isfinite(r.gap) else f"{int(r.gap):+d}"
@@ -222,8 +222,8 @@ def markdown(table: pd.DataFrame) -> str:
             continue
         ok, place = regime_passes(table, regime.name)
         seeds = sorted(table[table.regime == regime.name].seed.unique())
-        verdict = (f"**passes** at the {place}s place" if ok else "fails") + \
-            f" (seeds {', '.join(map(str, seeds))})"
+        verdict = f"**passes** at the {place}s place" if ok else "fails"
+        verdict += f" (seeds {', '.join(map(str, seeds))})"
         lines.append(f"| {regime.name} | {regime.what} | {verdict} |")
     return "\n".join(lines) + "\n"
 

@@ -95,12 +95,13 @@ def test_carry_schedule_withholds_carries_before_the_onset():
             assert not carries[10] and not carries[100], text
     after = [column_carries(t) for s in range(20, 40)
              for t in decoded_problems(task, task.train_batch(s, 64))]
-    # natural distribution: P(carry into 10s or 100s) = 1 − 0.55² ≈ 0.70 (0.45: units sum ≥ 10)
+    # natural distribution: P(carry into 10s or 100s) = 1 − 0.55² ≈ 0.70
     share = np.mean([c[10] or c[100] for c in after])
     assert 0.65 < share < 0.75
     # the early batches are still disjoint from the probe set
     probe = {(a, b) for a, b in zip(*task.probe_set()[0][["a", "b"]].values.T)}
-    early = {operands(t) for s in range(20) for t in decoded_problems(task, task.train_batch(s, 64))}
+    early = {operands(t) for s in range(20)
+             for t in decoded_problems(task, task.train_batch(s, 64))}
     assert not probe & early
 
 
@@ -118,7 +119,8 @@ def test_early_carry_fraction_and_places():
 
 def test_fixed_training_set():
     task = Addition(digits=2, n_probe=100, seed=0, train_size=300)
-    seen = {operands(t) for s in range(200) for t in decoded_problems(task, task.train_batch(s, 32))}
+    seen = {operands(t) for s in range(200)
+            for t in decoded_problems(task, task.train_batch(s, 32))}
     fixed = {(int(p) // 100, int(p) % 100) for p in task.train_pairs}
     assert len(fixed) == 300 and seen == fixed  # 6400 draws cover all 300 problems
     probe = {(a, b) for a, b in zip(*task.probe_set()[0][["a", "b"]].values.T)}

@@ -104,7 +104,7 @@ def test_groups_are_probed_separately_and_degenerate_ones_skipped():
     assert np.isnan(table.loc[1, "balanced_accuracy"]) and not table.loc[1, "above_chance"]
     assert table.loc[10, "balanced_accuracy"] > 0.9 and table.loc[10, "above_chance"]
     assert table.loc[100, "ci_low"] <= 0.5 <= table.loc[100, "ci_high"]
-    assert table.loc[10, "n_tokens"] == ((place == 10)).sum()
+    assert table.loc[10, "n_tokens"] == (place == 10).sum()
 
 
 def test_too_small_class_is_skipped_with_its_count():
