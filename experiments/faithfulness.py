@@ -42,8 +42,10 @@ import zarr
 from common import RESULTS, ROOT, merged
 from premise import BASE, BY_NAME, regime_passes, verdicts
 
+from polca.bases import Basis
 from polca.checkpoints import CheckpointStore, checkpoint_schedule
 from polca.config import dump_config, parse_config
+from polca.directional import directional_derivatives
 from polca.signal import skill_signal
 from polca.stages.common import open_run
 from polca.train import train
@@ -129,6 +131,38 @@ def agreement(root: Path, basis: str) -> dict:
     return out
 
 
+def exact_sample(root: Path, basis: str, n_intervals: int) -> dict:
+    """First order against exact-curvature POLCA on ``n_intervals`` evenly spaced intervals,
+    for runs decomposed without exact curvature: κ = bᵀ∇²ℓ_x(θ_t)b by forward-over-forward
+    differentiation (float64), the rest read from the run's arrays."""
+    ctx = open_run(root)
+    arrays = zarr.open_group(str(root / "arrays.zarr"), mode="r")
+    group = arrays[f"polca/{basis}"]
+    vectors = Basis.load(root / "basis", basis, dim=ctx.loss.space.dim).vectors.double()
+    loss = np.asarray(arrays["loss"], dtype=np.float64)
+    steps = ctx.checkpoints.steps
+    chosen = np.unique(np.linspace(0, len(steps) - 2, n_intervals).round().astype(int))
+    sums = dict.fromkeys(["dot", "first_sq", "full_sq", "abs_dl", "abs_r_first", "abs_r_full"],
+                         0.0)
+    for t in chosen:
+        _, kappa = directional_derivatives(ctx.loss, ctx.theta(steps[t]), vectors, ctx.probe,
+                                           order=2)
+        delta = np.asarray(group["delta"][:, t], dtype=np.float64)
+        first = np.asarray(group["first"][:, t, :], dtype=np.float64)
+        full = first + 0.5 * kappa.numpy() * (delta**2)[:, None]
+        delta_loss = loss[:, t + 1] - loss[:, t]
+        sums["dot"] += (first * full).sum()
+        sums["first_sq"] += (first**2).sum()
+        sums["full_sq"] += (full**2).sum()
+        sums["abs_dl"] += np.abs(delta_loss).sum()
+        sums["abs_r_first"] += np.abs(delta_loss - first.sum(0)).sum()
+        sums["abs_r_full"] += np.abs(delta_loss - full.sum(0)).sum()
+    return {"intervals": chosen.tolist(),
+            "cosine_first_vs_exact": sums["dot"] / np.sqrt(sums["first_sq"] * sums["full_sq"]),
+            "explained_first_order": 1 - sums["abs_r_first"] / sums["abs_dl"],
+            "explained_exact": 1 - sums["abs_r_full"] / sums["abs_dl"]}
+
+
 def diagnostic(root: Path, kinds: dict[str, np.ndarray]) -> pd.DataFrame:
     tokens = pd.read_parquet(root / "probe" / "tokens.parquet")
     tables = []
@@ -147,6 +181,8 @@ def main() -> None:
     parser.add_argument("regime")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--exact", action="store_true", help="exact curvature as well")
+    parser.add_argument("--exact-sample", type=int, default=0, metavar="N",
+                        help="without --exact: exact curvature on N evenly spaced intervals")
     args = parser.parse_args()
     place, s0, s1 = window(args.regime, args.seed)
     cfg = run_config(args.regime, args.seed, s0, s1, args.exact)
@@ -172,7 +208,16 @@ def main() -> None:
     start = time.perf_counter()
     signal = diagnostic(root, trajectory_kinds(root, bases))
     timings["diagnostic"] = time.perf_counter() - start
+    if args.exact_sample and not args.exact:
+        start = time.perf_counter()
+        sample = {b: exact_sample(root, b, args.exact_sample) for b in bases}
+        timings["exact_sample"] = time.perf_counter() - start
     OUT.mkdir(parents=True, exist_ok=True)
+    summary_path = OUT / f"{cfg.name}.json"
+    # a rerun finds the stages done: keep the first run's stage times
+    earlier = {k: v for k, v in (json.loads(summary_path.read_text())["seconds"].items()
+                                 if summary_path.is_file() else ())
+               if k in ("train", "trajectories", "basis", "decompose")}
     signal.to_csv(OUT / f"{cfg.name}-signal.csv", index=False)
     summary = {
         "regime": args.regime, "seed": args.seed, "place": place, "window": [s0, s1],
@@ -181,10 +226,11 @@ def main() -> None:
         "explained_fraction": {b: {k: v["explained_fraction"] for k, v in
                                    decomposition[b]["estimators"].items()} for b in bases},
         "first_vs_full": {b: agreement(root, b) for b in bases},
-        "seconds": {k: round(v, 1) for k, v in timings.items()},
+        "exact_curvature_sample": sample if args.exact_sample and not args.exact else None,
+        "seconds": {**{k: round(v, 1) for k, v in timings.items()}, **earlier},
         "load": os.getloadavg(),
     }
-    (OUT / f"{cfg.name}.json").write_text(json.dumps(summary, indent=1))
+    summary_path.write_text(json.dumps(summary, indent=1))
     print(json.dumps(summary, indent=1))
     best = (signal[signal.group.isin([10, 100]) & (signal.status == "ok")]
             .sort_values("balanced_accuracy", ascending=False)
