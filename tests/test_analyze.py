@@ -192,11 +192,11 @@ def test_polca_through_the_hf_adapter_equals_per_token_autograd(data, tmp_path):
     run = polca.Run.from_hf(str(data["gpt2"] / "checkpoint-*"), data["probe"], name="g",
                             runs=tmp_path, basis_sample=data["sample"], config=FIRST_ONLY,
                             tokenizer=data["tokenizer"])
-    for stage in (run.trajectories, run.basis, run.decompose):
-        stage(progress=False)
+    run.progress = False
+    run.trajectories().basis().decompose()
     vectors = load_file(str(run.root / "basis" / "hessian.safetensors"))["vectors"]
     assert vectors.shape[0] == len(STEPS) - 1  # one eigenvector per checkpoint after the first
-    first = torch.from_numpy(run.arrays().read("polca/hessian/first"))
+    first = torch.from_numpy(run.terms_["hessian"]["first"].to_numpy())
 
     model = gpt2().double().eval()  # eval: no dropout
 
@@ -219,10 +219,10 @@ def test_polca_of_a_plain_module_with_its_own_loss_equals_per_token_autograd(dat
     run = polca.Run.from_module(module.make_model, str(data["plain"]), data["probe"],
                                 loss_fn=module.half_loss, name="p", runs=tmp_path,
                                 tokenizer=data["tokenizer"], config=FIRST_ONLY)
-    for stage in (run.trajectories, run.basis, run.decompose):
-        stage(progress=False)
+    run.progress = False
+    run.trajectories().basis().decompose()
     vectors = load_file(str(run.root / "basis" / "hessian.safetensors"))["vectors"]
-    first = torch.from_numpy(run.arrays().read("polca/hessian/first"))
+    first = torch.from_numpy(run.terms_["hessian"]["first"].to_numpy())
 
     model = module.make_model().double().eval()
 
@@ -240,7 +240,7 @@ def test_polca_of_a_plain_module_with_its_own_loss_equals_per_token_autograd(dat
     # the loss function is held in memory: the config names it, reopening asks for it again
     assert "<in-memory>" in (run.root / "config.toml").read_text()
     with pytest.raises(ConfigError, match="reopen the run the same way"):
-        polca.Run.from_config(run.root)
+        polca.Run(run.root).load()
 
 
 def invoke(*args):
@@ -259,7 +259,7 @@ def test_analyze_cli_writes_a_report_and_the_run_reopens(data, tmp_path):
     root = tmp_path / "tiny"
     assert (root / "report" / "index.html").is_file()
     config = (root / "config.toml").read_text()
-    assert 'kind = "external"' in config and "batch_size = 4" in config
+    assert 'kind = "hf"' in config and "batch_size = 4" in config
     scores = (root / "evaluation" / "scores.csv").read_text()
     assert "role" in scores  # the probe file's labels reach the evaluation
     again, output = invoke("evaluate", root, "--quiet")  # reopened from the run directory

@@ -48,11 +48,12 @@ Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars")]
 
 def _open(target: Path, runs: Path):
     from polca.stages.common import open_run
+    from polca.store import RunDir
 
     if target.suffix == ".toml":
         cfg = load_config(target)
         return open_run(runs / cfg.name, cfg)
-    if not (target / "config.toml").is_file():
+    if not RunDir(target).exists():
         raise ConfigError(f"{target} is neither a config .toml file nor a run directory with a "
                           "config.toml; pass e.g. configs/demo-addition.toml")
     return open_run(target)
@@ -71,27 +72,21 @@ def _execute(ctx, stages, quiet: bool) -> None:
         if name == "report":
             report = result
     if "evaluate" in stages and len(stages) > 1:
-        typer.echo(_summary(ctx.run.root))
+        typer.echo(_summary(ctx.run))
     if report is not None:
         typer.secho(f"report: {report}", fg=typer.colors.GREEN)
     typer.secho(f"run: {ctx.run.root}", fg=typer.colors.GREEN)
 
 
-def _summary(root: Path) -> str:
+def _summary(run) -> str:
     """The reproduction table where the run has the paper's carry labels, else the
     hidden-breakthrough table (the full tables are in the run's evaluation/ folder)."""
-    import pandas as pd
-
     from polca.evaluate import format_table
     from polca.report.reproduction import reproduction_markdown
 
-    def table(name):
-        path = root / "evaluation" / f"{name}.csv"
-        return pd.read_csv(path) if path.is_file() and path.stat().st_size > 1 else None
-
-    if table("carry") is not None:
-        return reproduction_markdown(root)
-    hidden = table("hidden")
+    if run.read_evaluation_table("carry") is not None:
+        return reproduction_markdown(run)
+    hidden = run.read_evaluation_table("hidden")
     if hidden is None:
         return "No clusters were found (see the report's cluster section)."
     return format_table(hidden.drop(columns=["paper"], errors="ignore"),
@@ -258,10 +253,10 @@ def analyze(
                 raise ConfigError('--checkpoints needs --factory "module:function" that builds '
                                   "the model the state dicts belong to")
             opened = Run.from_module(factory, checkpoints, probe, loss_fn, **common)
-        typer.secho(f"{opened.root}: {len(opened.ctx.checkpoints.steps)} checkpoints, "
-                    f"{opened.ctx.probe.n_tokens} probe tokens, d = {opened.ctx.loss.space.dim}",
-                    err=True)
-        _execute(opened.ctx, ANALYSIS_STAGES, quiet)
+        ctx = opened.ctx
+        typer.secho(f"{ctx.run.root}: {len(ctx.checkpoints.steps)} checkpoints, "
+                    f"{ctx.probe.n_tokens} probe tokens, d = {ctx.loss.space.dim}", err=True)
+        _execute(ctx, ANALYSIS_STAGES, quiet)
     except ERRORS as err:
         raise _fail(err) from None
 

@@ -27,10 +27,57 @@ class Section(BaseModel):
 
 class TaskConfig(Section):
     kind: Literal["addition", "moving_window_sum", "prefix_sum", "reversed_addition", "text",
-                  "jsonl", "external"] = "addition"
+                  "jsonl", "probe-file"] = "addition"
     n_probe: int = Field(1250, gt=0, description="probe problems (addition: 4 scored tokens each)")
     digits: int = Field(3, ge=1, le=6, description="operand digits (addition)")
     options: dict = Field(default_factory=dict, description="task-specific settings")
+
+
+class SourceConfig(Section):
+    """Where the model and its checkpoints come from (:mod:`polca.sources`).
+
+    ``train``: the built-in decoder, trained by polca (sections model, train, checkpoints).
+    ``hf``: a series of Hugging Face checkpoints (``path``: a glob of ``save_pretrained``
+    folders, their parent folder, a hub cache ``models--org--name`` with ``revisions``, or a
+    series manifest ``.json``). ``state-dict``: state-dict files of any PyTorch model
+    (``path``: a glob, a folder or a list) and ``factory``, the ``"module:function"`` that
+    builds it. Paths are taken from the current directory.
+    """
+
+    kind: Literal["train", "hf", "state-dict"] = "train"
+    path: str | list[str] | None = None
+    revisions: list[str] | None = None
+    steps: list[int] | None = Field(None, description="training steps of the checkpoints")
+    factory: str | None = None
+    factory_kwargs: dict = Field(default_factory=dict)
+    loss_fn: str | None = Field(None, description='"module:function" (logits, batch) -> [tokens]')
+    include: list[str] | None = Field(None, description="parameter globs forming θ")
+
+    @model_validator(mode="after")
+    def _complete(self):
+        outside = {"path": self.path, "revisions": self.revisions, "steps": self.steps,
+                   "factory": self.factory, "factory_kwargs": self.factory_kwargs,
+                   "loss_fn": self.loss_fn, "include": self.include}
+        if self.kind == "train":
+            given = [k for k, v in outside.items() if v]
+            if given:
+                raise ValueError(f"{given} describe checkpoints made outside polca; set "
+                                 "source.kind = 'hf' or 'state-dict'")
+            return self
+        if self.path is None:
+            raise ValueError(f"source.kind = {self.kind!r} needs source.path: where the "
+                             "checkpoints are")
+        if self.kind == "state-dict" and self.factory is None:
+            raise ValueError("source.kind = 'state-dict' needs source.factory: the "
+                             '"module:function" that builds the model the state dicts fit')
+        if self.kind == "hf":
+            given = [k for k in ("factory", "factory_kwargs", "loss_fn") if outside[k]]
+            if given:
+                raise ValueError(f"{given} apply to source.kind = 'state-dict'; a Hugging Face "
+                                 "series builds its model from config.json")
+        elif self.revisions is not None:
+            raise ValueError("source.revisions picks refs of a Hugging Face hub cache (kind 'hf')")
+        return self
 
 
 class ModelConfig(Section):
@@ -128,9 +175,17 @@ class ReportConfig(Section):
     examples_per_cluster: int = Field(10, gt=0)
 
 
+class ExecutorConfig(Section):
+    """How the decompose and trajectories stages run their blocks (:mod:`polca.parallel`);
+    results are the same whichever runs them."""
+
+    kind: Literal["in-process"] = "in-process"
+
+
 class RunConfig(Section):
     name: str
     seed: int = 0
+    source: SourceConfig = SourceConfig()
     task: TaskConfig = TaskConfig()
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
@@ -140,6 +195,27 @@ class RunConfig(Section):
     decompose: DecomposeConfig = DecomposeConfig()
     cluster: ClusterConfig = ClusterConfig()
     report: ReportConfig = ReportConfig()
+    executor: ExecutorConfig = ExecutorConfig()
+
+    @model_validator(mode="after")
+    def _task_fits_source(self):
+        outside = self.source.kind != "train"
+        if outside != (self.task.kind == "probe-file"):
+            raise ValueError(
+                "a run of checkpoints made outside polca (source.kind 'hf' or 'state-dict') "
+                "takes its probe set from a file (task.kind = 'probe-file'), and a probe-file "
+                "task needs such a source; got source.kind = "
+                f"{self.source.kind!r} with task.kind = {self.task.kind!r}")
+        return self
+
+    @property
+    def trains(self) -> bool:
+        """Whether polca trains this run (built-in source) rather than analysing a series."""
+        return self.source.kind == "train"
+
+
+# Config sections that define a trained run: a run directory keeps them for good.
+TRAINING_SECTIONS = ("seed", "source", "task", "model", "train", "checkpoints")
 
 
 def load_config(path: str | Path) -> RunConfig:

@@ -9,6 +9,10 @@ For one interval t → t+1 with Δθ_t = θ_{t+1} − θ_t and a basis ``vectors
 * ``integrated``: Simpson's rule of ∫₀¹ g_x(θ_t + sΔθ_t) ds · δ (:func:`integrated`);
 * Fisher g² (:func:`fisher`); LCA baselines (:func:`top_parameters`, :func:`lca_per_tensor`).
 
+The pure kernel :func:`interval_terms` computes all of them for one interval in memory
+(and :func:`lca_interval_terms` the LCA baselines); the decompose stage maps it over the
+intervals with an executor (:mod:`polca.parallel`) and writes the results.
+
 Diagnostics (residual, explained fraction, first- vs second-order agreement, paper-vs-exact
 RMSE) are accumulated interval by interval in :class:`DecompositionDiagnostics`, and
 :func:`polca.cluster.cumulate` cumulates interval terms into the clustered trajectories.
@@ -18,15 +22,18 @@ Example:
     >>> delta = torch.tensor([0.5], dtype=torch.float64)
     >>> first_order(grad, delta)
     tensor([[ 0.5000, -1.0000]], dtype=torch.float64)
-    >>> projected_trajectory(first_order(grad, delta)[:, None]).shape   # [m, checkpoints, tokens]
-    torch.Size([1, 2, 2])
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import torch
+
+from polca.bases import Basis
+from polca.directional import directional_derivatives, mean_loss_gradient
+from polca.functional import ProbeBatch, TokenLoss
 
 
 def interval_deltas(theta_start: torch.Tensor, theta_end: torch.Tensor,
@@ -131,25 +138,169 @@ def lca_per_tensor(
     return torch.stack([per_parameter[s].sum() for s in slices.values()])
 
 
+@dataclass(frozen=True)
+class TermOptions:
+    """What :func:`interval_terms` computes, and how.
+
+    Args:
+        curvature: the second-order estimators: ``"exact"`` (κ = bᵀ∇²ℓ_x b) and/or
+            ``"paper"`` (the paper's κ̃).
+        integrated: also the Simpson path integral with ``simpson_points`` nodes.
+        fisher: also the projected empirical Fisher g².
+        denominator_tol: κ̃ is 0 where |ḡ(t+1) − ḡ(t)| ≤ this.
+        engine, batch_size: how directional derivatives are computed
+            (:func:`polca.directional.directional_derivatives`); results do not depend on them.
+        dtype: the model's arithmetic (``"float64"`` or ``"float32"``); δ and the terms are
+            float64 either way.
+    """
+
+    curvature: tuple[str, ...] = ("exact", "paper")
+    integrated: bool = True
+    simpson_points: int = 3
+    fisher: bool = True
+    denominator_tol: float = 1e-12
+    engine: str = "auto"
+    batch_size: int = 512
+    dtype: str = "float64"
+
+    @property
+    def terms(self) -> tuple[str, ...]:
+        """The ``[vector, interval, token]`` terms computed, in the contract's names."""
+        return (("first",) + tuple(f"second_{c}" for c in self.curvature)
+                + ("integrated",) * self.integrated + ("fisher",) * self.fisher)
+
+
+@dataclass
+class IntervalTerms:
+    """Every estimator's terms for one interval t → t+1, as float64 tensors.
+
+    ``delta [m]``, ``grad``/``grad_next [m, tokens]`` (g_x at θ_t and θ_{t+1}), the terms
+    ``first``, ``second_exact``, ``second_paper``, ``integrated``, ``fisher`` ``[m, tokens]``
+    (None when not asked for) and ``paper_small [m]`` (bool: κ̃ set to 0)."""
+
+    delta: torch.Tensor
+    grad: torch.Tensor
+    grad_next: torch.Tensor
+    first: torch.Tensor
+    second_exact: torch.Tensor | None = None
+    second_paper: torch.Tensor | None = None
+    paper_small: torch.Tensor | None = None
+    integrated: torch.Tensor | None = None
+    fisher: torch.Tensor | None = None
+
+    def arrays(self) -> dict[str, torch.Tensor]:
+        """The computed terms by the contract's array names (``grad`` is g_x at θ_t)."""
+        names = ("delta", "grad", "first", "second_exact", "second_paper", "paper_small",
+                 "integrated", "fisher")
+        return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
+
+
+def eigenvalues(basis: Basis) -> torch.Tensor:
+    """``[m]`` the eigenvalue λ_b recorded with each basis vector (for κ̃)."""
+    values = [entry.get("eigenvalue") for entry in basis.provenance]
+    missing = [i for i, v in enumerate(values) if v is None]
+    if missing:
+        raise ValueError(
+            f"basis {basis.name!r} has no eigenvalue for vectors {missing[:5]}; the paper "
+            "curvature needs one per vector. Rebuild the basis with `polca basis` (it adds "
+            "Rayleigh quotients), or set decompose.curvature = ['exact']")
+    return torch.tensor(values, dtype=torch.float64)
+
+
+def interval_terms(loss: TokenLoss, theta_t: torch.Tensor, theta_t1: torch.Tensor, basis: Basis,
+                   probe: ProbeBatch, options: TermOptions = TermOptions()) -> IntervalTerms:
+    """POLCA and its baselines for one interval, in memory: a pure function of its arguments.
+
+    ``theta_t, theta_t1 [d]`` are the checkpoints (float64 for the projections), ``basis`` the
+    vectors ``[m, d]`` with their eigenvalues, ``probe`` the scored tokens. The gradients at
+    both ends are computed here, so intervals are independent of each other.
+
+    Example (one token, ℓ(θ) = ½‖θ‖², along b = e₁: g = θ₁, κ = 1):
+        >>> from polca.functional import ParameterSpace
+        >>> class Half:
+        ...     space = ParameterSpace({"w": (2,)})
+        ...     def __call__(self, theta, batch):
+        ...         return (0.5 * theta @ theta).expand(batch.n_tokens)
+        >>> ids = torch.zeros(1, 1, dtype=torch.long)
+        >>> probe = ProbeBatch(ids, ids, torch.ones(1, 1, dtype=torch.bool))
+        >>> basis = Basis("e1", "user", torch.eye(2)[:1], [{"eigenvalue": 1.0}])
+        >>> terms = interval_terms(Half(), torch.tensor([1.0, 0.0]), torch.tensor([3.0, 0.0]),
+        ...                        basis, probe)
+        >>> terms.delta.item(), terms.first.item(), terms.second_exact.item()   # 1·2, ½·1·2²
+        (2.0, 2.0, 2.0)
+        >>> terms.integrated.item()                        # ΔL = ½·9 − ½·1, exact for a quadratic
+        4.0
+    """
+    dtype = getattr(torch, options.dtype)
+    theta = theta_t.to(torch.float64)
+    theta_next = theta_t1.to(torch.float64)
+    vectors64 = basis.vectors.to(device=theta.device, dtype=torch.float64)
+    vectors = vectors64.to(dtype)  # tangents in the model's arithmetic
+
+    def derivatives(point: torch.Tensor, order: int):
+        grad, curvature = directional_derivatives(
+            loss, point.to(dtype), vectors, probe, order=order, engine=options.engine,
+            batch_size=options.batch_size)
+        return grad.to(torch.float64), None if curvature is None else curvature.to(torch.float64)
+
+    delta = interval_deltas(theta, theta_next, vectors64)
+    grad, curvature = derivatives(theta, 2 if "exact" in options.curvature else 1)
+    grad_next, _ = derivatives(theta_next, 1)
+    terms = IntervalTerms(delta=delta, grad=grad, grad_next=grad_next,
+                          first=first_order(grad, delta))
+    if "exact" in options.curvature:
+        terms.second_exact = second_order(curvature, delta)
+    if "paper" in options.curvature:
+        kappa, terms.paper_small = paper_curvature(grad, grad_next, eigenvalues(basis).to(grad),
+                                                   options.denominator_tol)
+        terms.second_paper = second_order(kappa, delta)
+    if options.fisher:
+        terms.fisher = fisher(grad)
+    if options.integrated:
+        nodes, _ = simpson_nodes(options.simpson_points)
+        step = theta_next - theta
+        inner = [derivatives(theta + float(s) * step, 1)[0] for s in nodes[1:-1]]
+        terms.integrated = integrated(torch.stack([grad, *inner, grad_next]), delta)
+    return terms
+
+
+def lca_interval_terms(loss: TokenLoss, theta_t: torch.Tensor, theta_t1: torch.Tensor,
+                       top: torch.Tensor, probe: ProbeBatch,
+                       options: TermOptions = TermOptions()) -> tuple[torch.Tensor, torch.Tensor]:
+    """The LCA baselines for one interval: ``([k, tokens]`` token-level allocation along the
+    parameters ``top [k]`` (first order, as :func:`first_order` on unit vectors), ``[tensors]``
+    aggregate LCA per parameter tensor (:func:`lca_per_tensor`, Simpson's rule with
+    ``options.simpson_points`` nodes)``)``, float64.
+
+    >>> from polca.functional import ParameterSpace
+    >>> class Half:
+    ...     space = ParameterSpace({"a": (1,), "b": (1,)})
+    ...     def __call__(self, theta, batch):
+    ...         return (0.5 * theta @ theta).expand(batch.n_tokens)
+    >>> ids = torch.zeros(1, 1, dtype=torch.long)
+    >>> probe = ProbeBatch(ids, ids, torch.ones(1, 1, dtype=torch.bool))
+    >>> first, tensors = lca_interval_terms(Half(), torch.tensor([1.0, 1.0]),
+    ...                                     torch.tensor([3.0, 2.0]), torch.tensor([0]), probe)
+    >>> first.tolist(), tensors.round(decimals=12).tolist()   # g·Δθ₀ = 1·2; ½(θ₁² − θ₀²) each
+    ([[2.0]], [4.0, 1.5])
+    """
+    dtype = getattr(torch, options.dtype)
+    theta = theta_t.to(torch.float64)
+    step = theta_t1.to(torch.float64) - theta
+    top = top.to(theta.device)
+    grad, _ = directional_derivatives(loss, theta.to(dtype), top, probe, order=1,
+                                      engine=options.engine, batch_size=options.batch_size)
+    allocation = first_order(grad.to(torch.float64), step[top])
+    nodes, _ = simpson_nodes(options.simpson_points)
+    path = torch.stack([
+        mean_loss_gradient(loss, (theta + float(s) * step).to(dtype), probe,
+                           options.batch_size).to(torch.float64) for s in nodes])
+    return allocation, lca_per_tensor(path, step, loss.space.slices)
+
+
 def residual(delta_loss: torch.Tensor, terms: torch.Tensor) -> torch.Tensor:
     """``[tokens]`` R = ΔL − Σ_b terms[b] for ``delta_loss [tokens]``, ``terms [m, tokens]``."""
     return delta_loss - terms.sum(dim=0)
-
-
-def order_agreement(first: torch.Tensor, full: torch.Tensor) -> tuple[float, float]:
-    """Cosine similarity and relative L2 difference ‖first − full‖ / ‖full‖ of two POLCA
-    tensors of any equal shape (paper, Appendix F)."""
-    a, b = first.reshape(-1).to(torch.float64), full.reshape(-1).to(torch.float64)
-    norms = float(a.norm() * b.norm())
-    cosine = float(a @ b) / norms if norms > 0 else float("nan")
-    full_norm = float(b.norm())
-    relative = float((a - b).norm()) / full_norm if full_norm > 0 else float("nan")
-    return cosine, relative
-
-
-def rmse(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Root mean squared difference of two equally shaped tensors."""
-    return float(((a.to(torch.float64) - b.to(torch.float64)) ** 2).mean().sqrt())
 
 
 class DecompositionDiagnostics:

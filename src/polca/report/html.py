@@ -13,10 +13,7 @@ Example:
 from __future__ import annotations
 
 import base64
-import html
 import io
-import json
-import math
 import re
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -24,23 +21,24 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import tomllib
 from matplotlib.figure import Figure
 
-from polca.cluster import EXACT_KINDS, LCA_ARRAY, PROJECTED_TERMS, cumulate
 from polca.evaluate import label_scores
 from polca.report import figures
+from polca.report.markup import details, esc, flatten, fmt, note, table
 from polca.report.plateau import breaks_section, plateau_figure
 from polca.report.text import add_text_section
-from polca.stages.measures import ARRAY as MEASURES_ARRAY
-from polca.stages.measures import read_measures
-from polca.store import RunDir, atomic_write_bytes
+from polca.store import (
+    CORRECT,
+    LABEL_VALUES,
+    LOSS,
+    TRAJECTORY_KINDS,
+    Clustering,
+    RunDir,
+    StoreError,
+)
 
-# Columns of tokens.parquet that are not ground-truth labels.
-TOKEN_FIELDS = ("token", "sequence", "position", "target", "text", "context")
-MAX_TABLE_ROWS = 500
 LONG_TABLE = 30  # evaluation tables with more rows start folded
-EVALUATION_ORDER = ("carry", "hidden", "scores", "clusters")
 # A label with more distinct values is not drawn as groups of curves (digit: 10 is fine).
 MAX_GROUPS = 12
 
@@ -98,130 +96,91 @@ class Page:
 
 
 def write_report(run_dir, max_vectors: int = 6, examples: int | None = None) -> Path:
-    """Write ``report/index.html`` (and its figures as PNG beside it) for the run ``run_dir``.
+    """Write ``report/index.html`` (and its figures as PNG beside it) for the run ``run_dir``
+    (a path or a :class:`~polca.store.RunDir`).
 
     ``max_vectors``: per clustering, how many basis vectors get figures (the first kept ones;
     every vector still gets its cluster table). ``examples``: example tokens per cluster
     (default: the config's ``report.examples_per_cluster``, else 10). Returns the page path.
     """
-    run = RunDir(run_dir)
+    run = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
     data = RunData(run)
     if examples is None:
-        examples = data.config_value(("report", "examples_per_cluster"), 10)
-    page = Page(f"polca report: {data.config_value(('name',), run.root.name)}")
+        examples = run.config_value(("report", "examples_per_cluster"), 10)
+    page = Page(f"polca report: {run.config_value(('name',), run.root.name)}")
     page.add("Configuration", config_section(data))
     page.add("Training", training_section(data, page))
     page.add("Progress measures", measures_section(data, page) + breaks_section(
-        run, page.figure, data.config_value(("cluster", "top_clusters"), 3)))
+        run, page.figure, run.config_value(("cluster", "top_clusters"), 3)))
     page.add("Basis provenance", basis_section(data))
     page.add("Decomposition diagnostics", diagnostics_section(data, page))
     page.add("Evaluation", evaluation_section(data))
     page.add("Clusters", clusters_section(data, page, max_vectors, examples))
-    add_text_section(page, run.root, examples)
-    run.report.mkdir(parents=True, exist_ok=True)
-    for name, png in page.figures.items():
-        atomic_write_bytes(run.report / name, png)
-    path = run.report / "index.html"
-    atomic_write_bytes(path, page.render().encode("utf-8"))
-    return path
+    add_text_section(page, run, examples)
+    return run.write_report(page.render(), page.figures)
 
 
 # -- reading the run directory ------------------------------------------------------------------
 class RunData:
-    """Lazy, tolerant reader of what the stages wrote: every getter returns None if absent."""
+    """Tolerant reader of what the stages wrote, through the contract: every getter returns
+    None (or an empty collection) when its part of the run is absent."""
 
     def __init__(self, run: RunDir):
         self.run = run
-        self._arrays = None
-
-    @cached_property
-    def config_text(self) -> str | None:
-        path = self.run.config_path
-        return path.read_text() if path.is_file() else None
-
-    def config_value(self, keys: tuple[str, ...], default):
-        text = self.config_text
-        if text is None:
-            return default
-        value = tomllib.loads(text)
-        for key in keys:
-            if not isinstance(value, dict) or key not in value:
-                return default
-            value = value[key]
-        return value
 
     @cached_property
     def manifest(self) -> list[dict] | None:
-        path = self.run.checkpoints / "manifest.json"
-        return read_json(path).get("checkpoints") if path.is_file() else None
+        return self.run.checkpoint_manifest()
 
     @cached_property
     def tokens(self) -> pd.DataFrame | None:
-        path = self.run.probe / "tokens.parquet"
-        return pd.read_parquet(path) if path.is_file() else None
+        return self.run.read_tokens() if self.run.has_probe() else None
 
     @cached_property
     def sequences(self) -> pd.DataFrame | None:
-        path = self.run.probe / "sequences.parquet"
-        return pd.read_parquet(path) if path.is_file() else None
+        return self.run.read_sequences() if self.run.has_probe() else None
 
     def label_columns(self) -> list[str]:
         tokens = self.tokens
-        return [] if tokens is None else [c for c in tokens.columns if c not in TOKEN_FIELDS]
-
-    def arrays(self):
-        if self._arrays is None and (self.run.root / "arrays.zarr").is_dir():
-            self._arrays = self.run.arrays()
-        return self._arrays
+        return [] if tokens is None else self.run.label_columns(tokens)
 
     def array(self, name: str) -> np.ndarray | None:
-        arrays = self.arrays()
-        return arrays.read(name) if arrays is not None and name in arrays else None
-
-    def array_attrs(self, name: str) -> dict:
-        arrays = self.arrays()
-        return arrays.attrs(name) if arrays is not None and name in arrays else {}
+        if not self.run.has_arrays():
+            return None
+        arrays = self.run.arrays()
+        return arrays.read(name) if name in arrays else None
 
     def steps(self) -> np.ndarray | None:
         """Training step of each checkpoint column of ``loss``."""
-        steps = self.array_attrs("loss").get("steps")
+        steps = self.run.array_steps(LOSS)
         if steps is None and self.manifest:
             steps = [e["step"] for e in self.manifest]
         return None if steps is None else np.asarray(steps)
 
     def projected(self, kind: str, basis: str | None, vector: int) -> np.ndarray | None:
-        """``[tokens, checkpoints]`` projected trajectory of one vector for a projected kind,
-        cumulated from the interval terms as the cluster stage does; None if not computed."""
-        if kind == "lca":
-            names = (LCA_ARRAY,)
-        elif kind in PROJECTED_TERMS and basis is not None:
-            names = tuple(f"polca/{basis}/{term}" for term in PROJECTED_TERMS[kind])
-        else:
+        """``[tokens, checkpoints]`` projected trajectory of one vector, as the cluster stage
+        clusters it; None if not computed."""
+        try:
+            return self.run.projected(kind, basis, slice(vector, vector + 1))[0].T
+        except (StoreError, ValueError, KeyError):
             return None
-        arrays = self.arrays()
-        if arrays is None or not all(n in arrays for n in names):
-            return None
-        terms = sum(np.asarray(arrays.group[n][vector], dtype=np.float64) for n in names)
-        return cumulate(terms[None])[0].T
 
     def explained_per_interval(self, basis: str, loss: np.ndarray) -> dict[str, np.ndarray]:
         """Per estimator the fraction of |ΔL| explained in each interval, ``[intervals]``:
         ``1 − Σ_x |ΔL[x, t] − Σ_b terms[b, t, x]| / Σ_x |ΔL[x, t]|``, read one interval at a
         time so that large runs fit in memory. Empty if the terms are absent or misaligned."""
-        arrays = self.arrays()
         delta_loss = np.diff(loss, axis=1)  # [tokens, intervals]
         out = {}
         for estimator in ("first_order", "polca", "polca_paper", "integrated"):
-            names = [f"polca/{basis}/{term}" for term in PROJECTED_TERMS[estimator]]
-            if arrays is None or not all(n in arrays for n in names):
+            try:
+                shape = self.run.trajectory_shape(estimator, basis)
+            except StoreError:
                 continue
-            shape = arrays.group[names[0]].shape
             if shape[1:] != delta_loss.shape[::-1]:
                 continue
             explained = np.empty(shape[1])
             for t in range(shape[1]):
-                allocated = sum(np.asarray(arrays.group[n][:, t, :], dtype=np.float64).sum(0)
-                                for n in names)
+                allocated = self.run.trajectory_terms(estimator, basis, (slice(None), t)).sum(0)
                 total = np.abs(delta_loss[:, t]).sum()
                 residual = np.abs(delta_loss[:, t] - allocated).sum()
                 explained[t] = 1.0 - residual / total if total > 0 else np.nan
@@ -230,27 +189,16 @@ class RunData:
 
     def tau(self) -> float | None:
         """τ, the step after which the exact loss is flat, as the cluster stage recorded it."""
-        for info in self.jsons(self.run.clusters).values():
-            tau = (info.get("params") or {}).get("tau") if isinstance(info, dict) else None
+        for clustering in self.run.read_clusterings()[0]:
+            tau = clustering.params.get("tau")
             if tau is not None:
                 return float(tau)
         return None
 
-    def jsons(self, folder: Path) -> dict[str, dict]:
-        return {p.stem: read_json(p) for p in sorted(folder.glob("*.json"))} if folder.is_dir() \
-            else {}
-
-
-def read_json(path: Path):
-    try:
-        return json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        return {"error": f"could not read {path.name}: {err}"}
-
 
 # -- sections -----------------------------------------------------------------------------------
 def config_section(data: RunData) -> str:
-    text = data.config_text
+    text = data.run.config_text()
     if text is None:
         return note("no config.toml in the run directory")
     return f"<p>The resolved config of this run (<code>config.toml</code>):</p><pre>{esc(text)}</pre>"
@@ -266,14 +214,14 @@ def training_section(data: RunData, page: Page) -> str:
         parts.append(table(pd.DataFrame(rows, columns=["quantity", "value"]), "Training run"))
     else:
         parts.append(note("no checkpoints/manifest.json: run `polca train`"))
-    tokens, loss, steps = data.tokens, data.array("loss"), data.steps()
+    tokens, loss, steps = data.tokens, data.array(LOSS), data.steps()
     if tokens is None or loss is None or steps is None or loss.shape[1] != len(steps):
         parts.append(note("no exact token losses: run `polca trajectories`"))
         return "".join(parts)
     labels = [c for c in data.label_columns() if tokens[c].nunique() <= MAX_GROUPS]
     group = labels[0] if labels else None
     groups = tokens[group].to_numpy() if group else None
-    correct = data.array("correct")
+    correct = data.array(CORRECT)
     if correct is not None:
         parts.append(final_accuracy(tokens, correct, group))
     tau = data.tau()
@@ -310,17 +258,16 @@ def final_accuracy(tokens: pd.DataFrame, correct: np.ndarray, group: str | None)
 
 def measures_section(data: RunData, page: Page) -> str:
     """The progress measures per checkpoint (METHOD §8), as the measures stage draws them."""
-    arrays = data.arrays()
-    if arrays is None or MEASURES_ARRAY not in arrays:
+    if not data.run.has_measures():
         return note("no progress measures: run `polca measures`")
-    table_ = read_measures(data.run)
+    table_ = data.run.read_measures()
     return page.figure("progress_measures", plateau_figure(table_), "progress measures") + details(
         f"progress measures at {len(table_)} checkpoints",
         table(table_.reset_index(), "Progress measures per checkpoint"))
 
 
 def basis_section(data: RunData) -> str:
-    provenance = data.jsons(data.run.basis)
+    provenance = data.run.basis_documents()
     if not provenance:
         return note("no basis/*.json: run `polca basis`")
     parts = []
@@ -340,7 +287,7 @@ def diagnostics_section(data: RunData, page: Page) -> str:
     """Per basis: the decompose stage's summary (fraction of |ΔL| explained per estimator,
     first- vs second-order agreement, paper-curvature checks) and the fraction explained per
     interval, recomputed here from the stored terms and the exact losses."""
-    diagnostics = data.jsons(data.run.root / "diagnostics")
+    diagnostics = data.run.read_diagnostics()
     if not diagnostics:
         return note("no diagnostics/*.json: run `polca decompose`")
     rows = []
@@ -357,7 +304,7 @@ def diagnostics_section(data: RunData, page: Page) -> str:
     summary = pd.DataFrame(rows).set_index("basis").T.reset_index(names="quantity")
     parts = [table(summary, "Decomposition diagnostics per basis (explained: 1 − Σ|residual| / "
                             "Σ|ΔL| over tokens and intervals)")]
-    loss, steps = data.array("loss"), data.steps()
+    loss, steps = data.array(LOSS), data.steps()
     series = {}
     for name in diagnostics:
         if loss is not None:
@@ -372,90 +319,28 @@ def diagnostics_section(data: RunData, page: Page) -> str:
 
 
 def evaluation_section(data: RunData) -> str:
-    folder = data.run.root / "evaluation"
-    # the reproduction tables first, then any other table the evaluate stage wrote
-    first = {name: i for i, name in enumerate(EVALUATION_ORDER)}
-    csvs = sorted(folder.glob("*.csv") if folder.is_dir() else [],
-                  key=lambda p: (first.get(p.stem, len(first)), p.stem))
-    if not csvs:
+    names = data.run.evaluation_names()  # the reproduction tables first
+    if not names:
         return note("no evaluation/*.csv: run `polca evaluate`")
     parts = []
-    for path in csvs:
+    for name in names:
         try:
-            frame = pd.read_csv(path)
-        except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
-            parts.append(note(f"{path.name}: unreadable ({err})"))
+            frame = data.run.read_evaluation_table(name)
+        except (pd.errors.ParserError, UnicodeDecodeError) as err:
+            parts.append(note(f"{name}.csv: unreadable ({err})"))
             continue
-        rendered = table(frame, path.stem.replace("_", " ").replace("-", " "))
+        if frame is None:
+            parts.append(note(f"{name}.csv: unreadable (No columns to parse from file)"))
+            continue
+        rendered = table(frame, name.replace("_", " ").replace("-", " "))
         parts.append(rendered if len(frame) <= LONG_TABLE else details(
-            f"evaluation/{path.name}: {len(frame)} rows", rendered))
+            f"evaluation/{name}.csv: {len(frame)} rows", rendered))
     return "".join(parts)
 
 
 # -- clusters -----------------------------------------------------------------------------------
-@dataclass
-class Clustering:
-    """One clustering: ``clusters/NAME.parquet`` ([vector,] token, label[, break_step]), the
-    per-cluster ``NAME.breaks.parquet`` ([vector,] cluster, size, break_step, hidden) and the
-    ``NAME.json`` of its parameters, as the cluster stage writes them."""
-
-    name: str
-    frame: pd.DataFrame
-    info: dict
-    cluster_breaks: pd.DataFrame | None
-
-    @property
-    def params(self) -> dict:
-        return self.info.get("params") or {}
-
-    @property
-    def kind(self) -> str:
-        return str(self.params.get("kind") or self.name)
-
-    @property
-    def basis(self) -> str | None:
-        return self.params.get("basis")
-
-    def vectors(self) -> list:
-        return sorted(self.frame["vector"].unique()) if "vector" in self.frame else [None]
-
-    def labels(self, vector, n_tokens: int) -> np.ndarray:
-        """Cluster id per probe token (``[tokens]``; tokens absent from the file are -2)."""
-        rows = self.frame if vector is None else self.frame[self.frame["vector"] == vector]
-        out = np.full(n_tokens, -2, dtype=np.int64)
-        out[rows["token"].to_numpy()] = rows["label"].to_numpy()
-        return out
-
-    def breaks(self, vector) -> pd.DataFrame | None:
-        """Per cluster (index) size, break_step and hidden, or None if not recorded."""
-        frame = self.cluster_breaks
-        if frame is None or "cluster" not in frame:
-            return None
-        if vector is not None and "vector" in frame:
-            frame = frame[frame["vector"] == vector]
-        return frame.set_index("cluster")
-
-
-def read_clusterings(run: RunDir) -> tuple[list[Clustering], list[str]]:
-    """The clusterings in ``clusters/`` and notes on files that could not be used."""
-    out, problems = [], []
-    paths = sorted(run.clusters.glob("*.parquet")) if run.clusters.is_dir() else []
-    for path in paths:
-        if path.name.endswith(".breaks.parquet"):
-            continue
-        frame = pd.read_parquet(path)
-        if not {"token", "label"} <= set(frame.columns):
-            problems.append(f"{path.name} lacks the columns token and label "
-                            f"(has {list(frame.columns)}); re-run `polca cluster`")
-            continue
-        side, breaks = path.with_suffix(".json"), path.with_suffix(".breaks.parquet")
-        out.append(Clustering(path.stem, frame, read_json(side) if side.is_file() else {},
-                              pd.read_parquet(breaks) if breaks.is_file() else None))
-    return out, problems
-
-
 def clusters_section(data: RunData, page: Page, max_vectors: int, examples: int) -> str:
-    clusterings, problems = read_clusterings(data.run)
+    clusterings, problems = data.run.read_clusterings()
     tokens = data.tokens
     if not clusterings or tokens is None:
         return note("no clusters/*.parquet: run `polca cluster`") + "".join(map(note, problems))
@@ -465,7 +350,7 @@ def clusters_section(data: RunData, page: Page, max_vectors: int, examples: int)
     problems = None
     if sequences is not None and "text" in sequences:
         problems = tokens["sequence"].map(dict(zip(sequences["sequence"], sequences["text"])))
-    loss, steps = data.array("loss"), data.steps()
+    loss, steps = data.array(LOSS), data.steps()
     for clustering in clusterings:
         blocks = [params_table(clustering)]
         shown = 0
@@ -533,14 +418,16 @@ def params_table(clustering: Clustering) -> str:
 def vector_block(data: RunData, clustering: Clustering, vector, labels: np.ndarray,
                  tokens: pd.DataFrame, problems: pd.Series | None, label_cols: list[str],
                  loss, steps, page: Page, draw: bool, examples: int) -> str:
-    breaks = clustering.breaks(vector)
+    breaks = clustering.breaks_of(vector)
     break_steps = {} if breaks is None or "break_step" not in breaks else breaks["break_step"]
     title = clustering.name + ("" if vector is None else f", vector {vector}")
     parts = []
     if draw and loss is not None and steps is not None and loss.shape[1] == len(steps):
         name = f"clusters_{clustering.name}" + ("" if vector is None else f"_v{vector}")
-        projected = (None if vector is None or clustering.kind in EXACT_KINDS
-                     else data.projected(clustering.kind, clustering.basis, int(vector)))
+        projected = (None if vector is None
+                     or TRAJECTORY_KINDS.get(clustering.kind, TRAJECTORY_KINDS["loss"]).source
+                     == "loss" else data.projected(clustering.kind, clustering.basis,
+                                                   int(vector)))
         if projected is not None and projected.shape == loss.shape:
             parts.append(page.figure(name, figures.cluster_trajectories(
                 steps, projected, loss, labels, breaks=dict(break_steps), title=title), title))
@@ -598,65 +485,6 @@ def example_text(tokens: pd.DataFrame, problems: pd.Series | None, i: int) -> st
 
 
 def label_counts(labels: np.ndarray) -> str:
-    names = {-1: "noise", -2: "filtered", -3: "vector dropped"}
+    names = LABEL_VALUES
     counts = pd.Series(labels[labels < 0]).value_counts().sort_index(ascending=False)
     return ", ".join(f"{names.get(int(k), k)}: {v}" for k, v in counts.items()) or "no noise"
-
-
-# -- small HTML helpers ---------------------------------------------------------------------------
-def esc(value) -> str:
-    return html.escape(str(value), quote=True)
-
-
-def note(text: str) -> str:
-    return f'<p class="note">{esc(text)}</p>'
-
-
-def details(summary: str, body: str) -> str:
-    return f"<details><summary>{esc(summary)}</summary>{body}</details>"
-
-
-def fmt(value) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "—"
-    if isinstance(value, (bool, np.bool_)):
-        return "yes" if value else "no"
-    if isinstance(value, (float, np.floating)):
-        return f"{value:.4g}"
-    if isinstance(value, (dict, list, tuple, np.ndarray)):
-        return json.dumps(value.tolist() if isinstance(value, np.ndarray) else value,
-                          default=str)
-    return str(value)
-
-
-def table(frame: pd.DataFrame, caption: str, text_columns=(), nowrap_columns=()) -> str:
-    """``frame`` as an escaped HTML table in a horizontally scrolling box; tables longer than
-    ``MAX_TABLE_ROWS`` are cut with a note. ``nowrap_columns`` keep each line unbroken."""
-    shown = frame.head(MAX_TABLE_ROWS)
-    columns = list(shown.columns)
-    texts = {c for c in columns if c in text_columns or c in nowrap_columns
-             or not pd.api.types.is_numeric_dtype(shown[c])}
-    head = "".join(f'<th class="{"text" if c in texts else ""}">{esc(c)}</th>' for c in columns)
-    body = []
-    for row in shown.itertuples(index=False):
-        cells = []
-        for c, v in zip(columns, row):
-            inner = esc(fmt(v)).replace("\n", "<br>")
-            css = "nowrap" if c in nowrap_columns else "text" if c in texts else ""
-            cells.append(f'<td class="{css}">{inner}</td>' if css else f"<td>{inner}</td>")
-        body.append("<tr>" + "".join(cells) + "</tr>")
-    more = (f"<p class=\"note\">{len(frame) - len(shown)} more rows not shown</p>"
-            if len(frame) > len(shown) else "")
-    return (f'<div class="scroll"><table><caption>{esc(caption)}</caption><thead><tr>{head}'
-            f"</tr></thead><tbody>{''.join(body)}</tbody></table></div>{more}")
-
-
-def flatten(obj, prefix: str = "") -> dict:
-    """Nested dicts as one dict with dotted keys (lists and scalars are leaves)."""
-    if not isinstance(obj, dict):
-        return {prefix or "value": obj}
-    out = {}
-    for key, value in obj.items():
-        name = f"{prefix}.{key}" if prefix else str(key)
-        out.update(flatten(value, name) if isinstance(value, dict) else {name: value})
-    return out

@@ -16,7 +16,6 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -25,6 +24,7 @@ from matplotlib.lines import Line2D
 
 from polca.measures import plateau_summary
 from polca.report.figures import _color, _figure
+from polca.report.markup import details, note, table
 
 PROGRESS_MEASURES = ("loss", "accuracy", "repetition", "entropy", "cosine",
                      "attention_progress", "weight_norm")
@@ -184,19 +184,14 @@ def breaks_section(run, figure: Callable[[str, Figure, str], str], top: int = 3)
     renders a figure (the report's ``Page.figure``). Empty when the run has no measures; a
     note when it has no cluster break times yet.
     """
-    # imported here, not at the top: polca.report.html imports this module
-    from polca.report.html import details, note, table
-    from polca.stages.measures import ARRAY, read_measures
-
-    if not (Path(run.root) / "arrays.zarr").is_dir() or ARRAY not in run.arrays():
+    if not run.has_measures():
         return ""
-    paths = sorted(Path(run.clusters).glob("*.breaks.parquet"))
-    if not paths:
+    breaks = run.read_breaks()
+    if not breaks:
         return note("no clusters/*.breaks.parquet: run `polca cluster` to set POLCA's break "
                     "times beside the progress measures")
-    measures = read_measures(run)
-    clusters = top_cluster_breaks(
-        {p.name.removesuffix(".breaks.parquet"): pd.read_parquet(p) for p in paths}, top)
+    measures = run.read_measures()
+    clusters = top_cluster_breaks(breaks, top)
     lines = {name: group["break_step"].to_numpy()
              for name, group in clusters.groupby("clustering", sort=False)}
     img = figure("measures_breaks", measures_with_breaks(measures, lines),

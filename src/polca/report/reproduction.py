@@ -10,7 +10,6 @@ Example:
 
 from __future__ import annotations
 
-import json
 import math
 
 import pandas as pd
@@ -80,13 +79,13 @@ def carry_rows(carry: pd.DataFrame, hidden: pd.DataFrame, scores: pd.DataFrame) 
 def reproduction_markdown(run_dir, command: str | None = None) -> str:
     """Markdown with the run's reproduction table, hidden-breakthrough fractions and
     decomposition diagnostics, each beside the paper's values."""
-    run = RunDir(run_dir)
-    folder = run.evaluation
-    if not (folder / "carry.csv").is_file():
-        raise FileNotFoundError(f"{folder}/carry.csv is missing: run `polca evaluate` first")
-    carry = pd.read_csv(folder / "carry.csv")
-    hidden = pd.read_csv(folder / "hidden.csv")
-    scores = pd.read_csv(folder / "scores.csv")
+    run = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
+    carry = run.read_evaluation_table("carry")
+    if carry is None:
+        raise FileNotFoundError(f"{run.evaluation}/carry.csv is missing: run `polca evaluate` "
+                                "first")
+    hidden = run.read_evaluation_table("hidden")
+    scores = run.read_evaluation_table("scores")
     parts = []
     if command:
         parts.append(f"Regenerate with:\n\n```\n{command}\n```\n")
@@ -94,14 +93,13 @@ def reproduction_markdown(run_dir, command: str | None = None) -> str:
               "paper homogeneity", "paper recall", "paper F1", "place V-measure",
               "hidden fraction (clusters)", "paper hidden"]
     parts.append(_table(header, carry_rows(carry, hidden, scores)))
-    diagnostics = sorted(run.root.glob("diagnostics/*.json"))
+    diagnostics = run.read_diagnostics()
     if diagnostics:
         rows = []
-        for path in diagnostics:
-            d = json.loads(path.read_text())
+        for name, d in diagnostics.items():
             explained = d.get("estimators", {})
             agreement = d.get("first_vs_second_order", {})
-            rows.append([path.stem] + [
+            rows.append([name] + [
                 _fmt(explained.get(k, {}).get("explained_fraction"))
                 for k in ("first_order", "polca", "polca_paper", "integrated")] + [
                 _fmt(agreement.get("cosine_similarity")),

@@ -1,65 +1,73 @@
-"""Stage `evaluate`: every clustering in ``clusters/`` against the probe set's known labels.
+"""Stage `evaluate`: every clustering in the run against the probe set's known labels.
 
-Writes under ``<run>/evaluation/``:
+Writes through the contract (:meth:`polca.store.RunDir.write_evaluation`) the tables
 
-* ``scores.csv``: per clustering, vector and label column: n_clustered, n_clusters,
+* ``scores``: per clustering, vector and label column: n_clustered, n_clusters,
   weighted_purity, max_purity, chance, ari, v_measure (noise and filtered tokens excluded);
-* ``clusters.csv``: per cluster: size, break_step, hidden, and per label column its majority
+* ``clusters``: per cluster: size, break_step, hidden, and per label column its majority
   value and purity;
-* ``carry.csv`` (token tables with ``carry`` and ``place``): the paper's table rows, ours beside
+* ``carry`` (token tables with ``carry`` and ``place``): the paper's table rows, ours beside
   the paper's (``paper_*``; see :mod:`polca.evaluate` for the metric);
-* ``hidden.csv``: per clustering the fraction of clusters with a hidden breakthrough, with τ, Δ
+* ``hidden``: per clustering the fraction of clusters with a hidden breakthrough, with τ, Δ
   and the paper's fraction;
-* ``summary.json``: the same tables as records;
-* ``pos_clusters.parquet`` (token tables with POS columns, the text task): every cluster's POS
-  label, top targets and contexts nearest its medoid (:mod:`polca.report.text`).
+
+and, for token tables with POS columns (the text task), every cluster's POS label, top
+targets and contexts nearest its medoid (:func:`pos_cluster_table`). The evaluation is kept
+while the clusterings and labels it was made from are unchanged.
 """
 
 from __future__ import annotations
-
-import json
 
 import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
+from polca import cluster as C
 from polca import evaluate as E
-from polca.report.text import LABELS_FILE, has_pos, pos_cluster_table
-from polca.store import StoreError, atomic_write_bytes, atomic_write_json, atomic_write_parquet
+from polca.label import POS_COLUMNS, cluster_labels, has_pos
+from polca.store import LOSS, TRAJECTORY_KINDS, StoreError
 
-NOT_LABELS = ("token", "sequence", "position", "target", "text", "context")
-MAX_LABEL_VALUES = 100
+POS_TABLE_COLUMNS = ["name", "kind", "basis", "vector", "cluster", "size", "break_step",
+                     "hidden", "label", "simple", "pattern", "top_targets", "top_target_counts",
+                     "medoid", "examples", "example_contexts", "example_targets"]
 
 
 def run_evaluate(ctx, labels=None, progress: bool = True) -> dict[str, pd.DataFrame]:
     """Evaluate all clusterings of the run; returns and writes the tables (see module doc).
 
-    ``labels``: the token-table columns to score; default the task's ``label_columns``, else
-    every bool/int/string column with 2..100 distinct values.
+    ``labels``: the token-table columns to score; default the run's label columns
+    (:meth:`polca.store.RunDir.label_columns`).
     """
-    tokens = ctx.run.read_tokens()
-    columns = _label_columns(tokens, labels, getattr(getattr(ctx, "task", None),
-                                                     "label_columns", None))
-    results = sorted(p for p in ctx.run.clusters.glob("*.json"))
-    if not results:
-        raise StoreError(f"no clusterings in {ctx.run.clusters}: run `polca cluster` first")
+    run = ctx.run
+    tokens = run.read_tokens()
+    columns = _label_columns(run, tokens, labels)
+    names = run.clustering_names()
+    if not names:
+        raise StoreError(f"no clusterings in {run.clusters}: run `polca cluster` first")
     top = ctx.cfg.cluster.top_clusters
+    examples = ctx.cfg.report.examples_per_cluster
+    addition = ctx.cfg.task.kind == "addition"
+    inputs = {"clusterings": {n: run.version(f"cluster/{n}") for n in names},
+              "probe": run.probe_sha256(), "labels": columns, "top": top,
+              "examples": examples if has_pos(tokens) else None, "addition": addition}
+    if run.is_current("evaluate", inputs) and run.evaluation_names():
+        return run.read_evaluation()
+    run.refresh("evaluate", inputs, discard=lambda: None, exists=bool(run.evaluation_names()))
     scores, clusters, carry, hidden = [], [], [], []
-    for path in tqdm(results, desc="evaluate", unit="clustering", disable=not progress):
-        meta = json.loads(path.read_text())
+    for name in tqdm(names, desc="evaluate", unit="clustering", disable=not progress):
+        clustering = run.read_clustering(name)
         # the paper's numbers are for its addition task only: other tasks get no paper column
-        params = dict(meta["params"], addition=ctx.cfg.task.kind == "addition")
-        name = params["name"]
-        assigned = pd.read_parquet(path.with_suffix(".parquet"))
-        breaks = pd.read_parquet(path.with_name(f"{name}.breaks.parquet"))
-        per_vector = "vector" in assigned.columns
-        by_vector = _labels_by_vector(assigned, len(tokens), name)
+        params = dict(clustering.params, addition=addition)
+        per_vector = "vector" in clustering.frame.columns
+        by_vector = clustering.labels_by_vector(len(tokens))
         head = {"name": name, "kind": params["kind"], "basis": params["basis"]}
         for vector, lab in by_vector.items():
             for column in columns:
                 scores.append(dict(head, vector=vector, label=column,
                                    **E.label_scores(lab, tokens[column].to_numpy())))
-            clusters.append(_cluster_rows(head, vector, lab, breaks, tokens, columns))
+            clusters.append(_cluster_rows(head, vector, lab, clustering.breaks, tokens,
+                                          columns))
+        meta = clustering.info
         hidden.append(dict(head, n_clusters=meta["n_clusters"], n_hidden=meta["n_hidden"],
                            hidden_fraction=meta["hidden_fraction"], tau=params["tau"],
                            delta=params["delta"],
@@ -74,15 +82,54 @@ def run_evaluate(ctx, labels=None, progress: bool = True) -> dict[str, pd.DataFr
         "carry": pd.concat(carry, ignore_index=True) if carry else pd.DataFrame(),
         "hidden": pd.DataFrame(hidden),
     }
-    folder = ctx.run.evaluation
-    for key, frame in tables.items():
-        atomic_write_bytes(folder / f"{key}.csv", frame.to_csv(index=False).encode())
-    atomic_write_json(folder / "summary.json", {
-        key: json.loads(frame.to_json(orient="records")) for key, frame in tables.items()})
-    if has_pos(tokens):
-        atomic_write_parquet(folder / LABELS_FILE, pos_cluster_table(
-            ctx.run.root, ctx.cfg.report.examples_per_cluster))
+    run.write_evaluation(tables, pos_cluster_table(run, examples) if has_pos(tokens) else None)
     return tables
+
+
+def pos_cluster_table(run, examples: int = 10) -> pd.DataFrame:
+    """One row per cluster of every clustering of ``run`` (a :class:`~polca.store.RunDir`;
+    per vector for kinds with a basis), with the clustering's ``name``, ``kind``, ``basis``,
+    ``vector`` (-1 for kinds without one), the cluster's ``size``, mean ``break_step`` and
+    ``hidden`` flag from the cluster stage, and the columns of
+    :func:`polca.label.cluster_labels` (``label``, ``simple``, ``pattern`` as "|"-joined tag
+    sets, ``top_targets``, ``examples``, ...), computed on the trajectories that were clustered.
+
+    Raises ValueError when the probe tokens have no POS columns.
+    """
+    tokens = run.read_tokens()
+    if not has_pos(tokens):
+        raise ValueError(f"the probe tokens of {run.root} have no POS columns {POS_COLUMNS}: "
+                         "they come from the text task with task.options.pos_tags = true")
+    loss = run.arrays().read(LOSS)
+    frames = []
+    for clustering in run.read_clusterings()[0]:
+        kind = clustering.kind
+        for vector in clustering.vectors():
+            labels = clustering.labels(vector, len(tokens))
+            if not (labels >= 0).any():
+                continue
+            if TRAJECTORY_KINDS[kind].source == "loss":
+                trajectories = C.exact_trajectories(loss, kind)
+            else:
+                trajectories = run.projected(kind, clustering.basis, slice(vector, vector + 1))[0].T
+            table = cluster_labels(tokens, labels, trajectories, n_examples=examples)
+            table = table.assign(pattern=[" ".join("|".join(s) for s in p)
+                                          for p in table["pattern"]])
+            table = _with_breaks(table, clustering.breaks_of(vector))
+            frames.append(table.assign(name=clustering.name, kind=kind, basis=clustering.basis,
+                                       vector=-1 if vector is None else int(vector)))
+    if not frames:
+        return pd.DataFrame(columns=POS_TABLE_COLUMNS)
+    return pd.concat(frames, ignore_index=True)[POS_TABLE_COLUMNS]
+
+
+def _with_breaks(table: pd.DataFrame, breaks: pd.DataFrame | None) -> pd.DataFrame:
+    if breaks is None:
+        return table.assign(break_step=np.nan, hidden=False)
+    return table.assign(break_step=table["cluster"].map(breaks["break_step"]),
+                        hidden=table["cluster"].map(breaks["hidden"]).fillna(False)
+                        .astype(bool))
+
 
 
 def format_tables(tables: dict[str, pd.DataFrame]) -> str:
@@ -112,31 +159,14 @@ def format_tables(tables: dict[str, pd.DataFrame]) -> str:
     return "\n".join(parts)
 
 
-def _label_columns(tokens: pd.DataFrame, labels, task_labels) -> list[str]:
-    if labels is not None:
-        missing = [c for c in labels if c not in tokens.columns]
-        if missing:
-            raise StoreError(f"label columns {missing} are not in tokens.parquet (has "
-                             f"{list(tokens.columns)})")
-        return list(labels)
-    if task_labels:
-        return [c for c in task_labels if c in tokens.columns]
-    return [c for c in tokens.columns if c not in NOT_LABELS
-            and (tokens[c].dtype == bool or pd.api.types.is_integer_dtype(tokens[c])
-                 or pd.api.types.is_string_dtype(tokens[c]))
-            and 2 <= tokens[c].nunique() <= MAX_LABEL_VALUES]
-
-
-def _labels_by_vector(assigned: pd.DataFrame, n_tokens: int, name: str) -> dict:
-    groups = assigned.groupby("vector") if "vector" in assigned.columns else [(None, assigned)]
-    out = {}
-    for vector, frame in groups:
-        frame = frame.sort_values("token")
-        if not np.array_equal(frame["token"].to_numpy(), np.arange(n_tokens)):
-            raise StoreError(f"clusters/{name}.parquet does not cover the {n_tokens} probe "
-                             "tokens (probe set changed?); delete it and run `polca cluster`")
-        out[None if vector is None else int(vector)] = frame["label"].to_numpy()
-    return out
+def _label_columns(run, tokens: pd.DataFrame, labels) -> list[str]:
+    if labels is None:
+        return run.label_columns(tokens)
+    missing = [c for c in labels if c not in tokens.columns]
+    if missing:
+        raise StoreError(f"label columns {missing} are not in the probe tokens (has "
+                         f"{list(tokens.columns)})")
+    return list(labels)
 
 
 def _cluster_rows(head, vector, labels, breaks, tokens, columns) -> pd.DataFrame:

@@ -12,4 +12,4 @@ def run_report(ctx, progress: bool = True) -> Path:
 
     ``progress`` is accepted for the stage interface; the report is one quick pass.
     """
-    return write_report(ctx.run.root, examples=ctx.cfg.report.examples_per_cluster)
+    return write_report(ctx.run, examples=ctx.cfg.report.examples_per_cluster)

@@ -33,7 +33,6 @@ import torch
 
 from polca.functional import ProbeBatch
 from polca.probes import ProbeFileError, probe_tables, read_examples
-from polca.store import probe_batch
 
 
 class FileTask:
@@ -75,7 +74,7 @@ class FileTask:
                      for s, p in zip(self.probe_tokens["sequence"], self.probe_tokens["position"])])
         self.probe_sequences = self.probe_sequences.assign(
             text=[self.decode(ids) for ids in self.probe_sequences["input_ids"]])
-        self._train = probe_batch(self.train_sequences, self.train_tokens)
+        self._train = ProbeBatch.from_tables(self.train_sequences, self.train_tokens)
 
     @classmethod
     def from_config(cls, cfg, root=None) -> FileTask:
