@@ -20,7 +20,7 @@ import pytest
 from polca.config import dump_config, parse_config
 from polca.report import figures, write_report
 from polca.report.html import RunData
-from polca.stages.report import run_report
+from polca.api import run_stage
 from polca.store import RunDir, atomic_write_json, atomic_write_parquet
 from polca.tasks.addition import Addition
 
@@ -155,7 +155,7 @@ def report(tmp_path_factory):
     run = make_run(tmp_path_factory.mktemp("run") / "r")
     ctx = SimpleNamespace(run=run, cfg=parse_config({"name": "report-test", "report": {
         "examples_per_cluster": 2}}))
-    return run, run_report(ctx, progress=False)
+    return run, run_stage(ctx, "report", progress=False)
 
 
 def test_page_is_self_contained_with_inline_images(report):

@@ -129,6 +129,7 @@ def test_text_pipeline_end_to_end_labels_clusters_in_the_report(tmp_path):
     """Every stage on a tiny corpus: the report has the POS section, the evaluation its table."""
     pytest.importorskip("tokenizers")
     pytest.importorskip("spacy")
+    from polca.api import run_stage
     from polca.stages.common import open_run
 
     sentences = ["The farmer sold the cows, and the village grew.",
@@ -153,8 +154,7 @@ def test_text_pipeline_end_to_end_labels_clusters_in_the_report(tmp_path):
     ctx = open_run(tmp_path / "run", cfg)
     for stage in ("train", "trajectories", "basis", "decompose", "cluster", "evaluate",
                   "report"):
-        module = __import__(f"polca.stages.{stage}", fromlist=["_"])
-        getattr(module, f"run_{stage}")(ctx, progress=False)
+        run_stage(ctx, stage, progress=False)
     table = ctx.run.read_pos_clusters()
     assert len(table) and set(table["name"]) <= {"loss", "polca-hessian"}
     tokens = ctx.run.read_tokens()

@@ -57,8 +57,12 @@ def run_stage(ctx, name: str, progress: bool = True):
     if name not in stages_of(ctx.cfg):
         raise ConfigError(f"{ctx.run.root} analyses checkpoints made outside polca: it has no "
                           f"`{name}` stage (its stages: {', '.join(stages_of(ctx.cfg))})")
-    module = importlib.import_module(f"polca.stages.{name}")
     with ctx.run.lock():
+        if name == "report":  # the page is the face's: it reads the run through the contract
+            from polca.report import write_report
+
+            return write_report(ctx.run, examples=ctx.cfg.report.examples_per_cluster)
+        module = importlib.import_module(f"polca.stages.{name}")
         return getattr(module, f"run_{name}")(ctx, progress=progress)
 
 

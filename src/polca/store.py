@@ -57,7 +57,6 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -69,6 +68,14 @@ import pandas as pd
 import torch
 import zarr
 
+from polca.atomic import (
+    StoreError,
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_parquet,
+    read_json,
+)
+from polca.checkpoints import CheckpointStore
 from polca.cluster import DROPPED, FILTERED, NOISE
 from polca.functional import ProbeBatch
 
@@ -183,54 +190,8 @@ def kind_arrays(kind: str, basis: str | None = None) -> tuple[str, ...]:
 
 
 # Small file helpers ---------------------------------------------------------------------------
-class StoreError(RuntimeError):
-    """A run directory file is missing, malformed or inconsistent; the message names the fix."""
-
-
 class RunLocked(StoreError):
     """Another process holds the run directory."""
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary file and rename, so readers never see a torn file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; results are meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_json(path: Path, obj) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
-
-
-def atomic_write_parquet(path: Path, frame: pd.DataFrame) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        frame.to_parquet(tmp, index=False)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def read_json(path: Path):
-    try:
-        return json.loads(Path(path).read_text())
-    except json.JSONDecodeError as err:
-        raise StoreError(f"{path} is not valid JSON ({err}); delete it and re-run the stage "
-                         "that writes it") from None
 
 
 def sha256_json(obj) -> str:
@@ -348,13 +309,12 @@ class ArrayStore:
                     f"and {self.progress / name} to recompute it, or use a new run name."
                 )
             return array
-        array = self.group.create_array(
+        # the attributes go in with the array's metadata: one atomic write, never one without
+        return self.group.create_array(
             name, shape=shape, chunks=tuple(int(c) for c in chunks), dtype=dtype,
             fill_value=np.nan if np.dtype(dtype).kind == "f" else 0, dimension_names=tuple(dims),
+            attributes=dict(attrs or {}),
         )
-        if attrs:
-            array.attrs.update(attrs)
-        return array
 
     def __contains__(self, name: str) -> bool:
         try:
@@ -606,10 +566,8 @@ class RunDir:
         return value
 
     # -- checkpoints ---------------------------------------------------------------------------
-    def checkpoint_store(self):
+    def checkpoint_store(self) -> CheckpointStore:
         """The built-in training's :class:`~polca.checkpoints.CheckpointStore`."""
-        from polca.checkpoints import CheckpointStore
-
         return CheckpointStore(self.checkpoints)
 
     def checkpoint_manifest(self) -> list[dict] | None:
@@ -626,7 +584,7 @@ class RunDir:
         cache = read_json(cache_path) if cache_path.is_file() else {}
         hashes, changed = [], False
         for path in paths:
-            files = [path] if Path(path).is_file() else sorted(
+            files = [Path(path)] if Path(path).is_file() else sorted(
                 p for p in Path(path).rglob("*") if p.is_file()
                 and not p.name.startswith(NOT_WEIGHTS) and not p.name.startswith("."))
             for file in files:
@@ -911,6 +869,16 @@ class RunDir:
             atomic_write_parquet(self.evaluation / POS_CLUSTERS, pos_clusters)
         atomic_write_json(self.evaluation / "summary.json", {
             key: json.loads(frame.to_json(orient="records")) for key, frame in tables.items()})
+
+    def has_evaluation(self) -> bool:
+        """Whether a complete evaluation is stored (``summary.json`` is written last)."""
+        return (self.evaluation / "summary.json").is_file()
+
+    def discard_evaluation(self) -> None:
+        (self.evaluation / "summary.json").unlink(missing_ok=True)  # first: marks it complete
+        if self.evaluation.is_dir():
+            for path in self.evaluation.iterdir():
+                path.unlink()
 
     def evaluation_names(self) -> list[str]:
         """The evaluation tables, the reproduction tables first."""

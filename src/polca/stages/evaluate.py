@@ -50,9 +50,10 @@ def run_evaluate(ctx, labels=None, progress: bool = True) -> dict[str, pd.DataFr
     inputs = {"clusterings": {n: run.version(f"cluster/{n}") for n in names},
               "probe": run.probe_sha256(), "labels": columns, "top": top,
               "examples": examples if has_pos(tokens) else None, "addition": addition}
-    if run.is_current("evaluate", inputs) and run.evaluation_names():
+    if run.is_current("evaluate", inputs) and run.has_evaluation():
         return run.read_evaluation()
-    run.refresh("evaluate", inputs, discard=lambda: None, exists=bool(run.evaluation_names()))
+    run.refresh("evaluate", inputs, discard=run.discard_evaluation,
+                exists=run.has_evaluation() or bool(run.evaluation_names()))
     scores, clusters, carry, hidden = [], [], [], []
     for name in tqdm(names, desc="evaluate", unit="clustering", disable=not progress):
         clustering = run.read_clustering(name)
