@@ -226,8 +226,8 @@ class Run:
 
     # -- stages ---------------------------------------------------------------------------------
     def _stage(self, name: str, **options):
-        module = importlib.import_module(f"polca.stages.{name}")
         if options:
+            module = importlib.import_module(f"polca.stages.{name}")
             with self.ctx.run.lock():
                 return getattr(module, f"run_{name}")(self.ctx, progress=self.progress,
                                                       **options)
