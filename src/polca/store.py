@@ -548,6 +548,7 @@ class RunDir:
         atomic_write_bytes(self.config_path, text.encode())
 
     def config_text(self) -> str | None:
+        """``config.toml`` as text, or None before the run is created."""
         return self.config_path.read_text() if self.config_path.is_file() else None
 
     def config_value(self, keys: Sequence[str], default):
@@ -622,6 +623,7 @@ class RunDir:
         return digest
 
     def has_probe(self) -> bool:
+        """Whether the probe set is stored."""
         return (self.probe / "tokens.parquet").is_file() and (
             self.probe / "sequences.parquet").is_file()
 
@@ -664,9 +666,11 @@ class RunDir:
 
     # -- arrays --------------------------------------------------------------------------------
     def arrays(self) -> ArrayStore:
+        """The chunked arrays (``arrays.zarr``) and their block markers."""
         return ArrayStore(self.root / "arrays.zarr", self.progress)
 
     def has_arrays(self) -> bool:
+        """Whether any array was written."""
         return (self.root / "arrays.zarr").is_dir()
 
     def array_steps(self, name: str = LOSS) -> list[int] | None:
@@ -734,9 +738,11 @@ class RunDir:
 
     # -- basis ---------------------------------------------------------------------------------
     def basis_names(self) -> list[str]:
+        """The finished bases."""
         return sorted(p.stem for p in self.basis.glob("*.json")) if self.basis.is_dir() else []
 
     def has_basis(self, name: str, partial: bool = False) -> bool:
+        """Whether basis ``name`` (or its partial, Algorithm 1 so far) is stored."""
         folder = self.basis / PARTIAL if partial else self.basis
         return (folder / f"{name}.json").is_file()
 
@@ -779,6 +785,7 @@ class RunDir:
         return Basis(meta["name"], meta["kind"], vectors, entries, meta.get("params", {}))
 
     def discard_basis(self, name: str, partial: bool = False) -> None:
+        """Remove basis ``name`` (or its partial)."""
         folder = self.basis / PARTIAL if partial else self.basis
         for suffix in (".json", ".safetensors"):  # json first: a basis is judged by its json
             (folder / f"{name}{suffix}").unlink(missing_ok=True)
@@ -799,6 +806,7 @@ class RunDir:
 
     # -- diagnostics ---------------------------------------------------------------------------
     def write_diagnostics(self, name: str, summary: dict) -> None:
+        """``diagnostics/<basis>.json``: the decompose stage's summary of one basis."""
         atomic_write_json(self.diagnostics / f"{name}.json", summary)
 
     def read_diagnostics(self) -> dict[str, dict]:
@@ -823,9 +831,11 @@ class RunDir:
                       if (self.clusters / f"{p.stem}.parquet").is_file())
 
     def has_clustering(self, name: str) -> bool:
+        """Whether clustering ``name`` is complete."""
         return name in self.clustering_names()
 
     def read_clustering(self, name: str) -> Clustering:
+        """One clustering (:class:`Clustering`: labels, per-cluster breaks, parameters)."""
         frame = pd.read_parquet(self.clusters / f"{name}.parquet")
         info_path = self.clusters / f"{name}.json"
         breaks_path = self.clusters / f"{name}.breaks.parquet"
@@ -855,6 +865,7 @@ class RunDir:
                 for p in sorted(self.clusters.glob("*.breaks.parquet"))}
 
     def discard_clustering(self, name: str) -> None:
+        """Remove clustering ``name``."""
         for suffix in (".json", ".parquet", ".breaks.parquet"):  # json first
             (self.clusters / f"{name}{suffix}").unlink(missing_ok=True)
 
@@ -875,6 +886,7 @@ class RunDir:
         return (self.evaluation / "summary.json").is_file()
 
     def discard_evaluation(self) -> None:
+        """Remove the evaluation."""
         (self.evaluation / "summary.json").unlink(missing_ok=True)  # first: marks it complete
         if self.evaluation.is_dir():
             for path in self.evaluation.iterdir():
@@ -899,6 +911,7 @@ class RunDir:
                 .stat().st_size > 1 else pd.DataFrame() for name in self.evaluation_names()}
 
     def read_pos_clusters(self) -> pd.DataFrame | None:
+        """The POS label table of every cluster (text runs), or None."""
         path = self.evaluation / POS_CLUSTERS
         return pd.read_parquet(path) if path.is_file() else None
 
@@ -917,6 +930,7 @@ class RunDir:
                        attrs={"steps": steps, "measures": names, "reference": reference})
 
     def has_measures(self) -> bool:
+        """Whether progress measures are stored."""
         return self.has_arrays() and MEASURES in self.arrays()
 
     def read_measures(self) -> pd.DataFrame:
@@ -940,6 +954,7 @@ class RunDir:
         return path
 
     def report_path(self) -> Path:
+        """Where the report page is (or will be)."""
         return self.report / "index.html"
 
     # -- input fingerprints --------------------------------------------------------------------
@@ -947,10 +962,12 @@ class RunDir:
         return self.progress / "inputs" / f"{product}.json"
 
     def recorded_inputs(self, product: str) -> dict | None:
+        """The inputs ``product`` was computed from, as recorded (None: no record)."""
         path = self._inputs_path(product)
         return read_json(path) if path.is_file() else None
 
     def record_inputs(self, product: str, inputs: dict) -> None:
+        """Record the inputs ``product`` is computed from."""
         atomic_write_json(self._inputs_path(product), json.loads(json.dumps(inputs)))
 
     def is_current(self, product: str, inputs: dict) -> bool:
@@ -983,9 +1000,6 @@ class RunDir:
             discard()
         self.record_inputs(product, inputs)
         return stale
-
-    def forget(self, product: str) -> None:
-        self._inputs_path(product).unlink(missing_ok=True)
 
 
 def read_vectors(path: Path) -> torch.Tensor:
@@ -1025,13 +1039,14 @@ def describe() -> str:
         title, "", body.strip(), "",
         "## Arrays (`arrays.zarr`)", "",
         "| array | contents |", "|---|---|",
-        *(f"| `{name}` | {text} |" for name, text in ARRAYS.items()), "",
+        *(f"| `{name}` | {_cell(text)} |" for name, text in ARRAYS.items()), "",
         "## Trajectory kinds", "",
         " ".join((TrajectoryKind.__doc__ or "").split()), "",
         "| kind | built from | cumulated | sign filters | meaning |", "|---|---|---|---|---|",
         *(f"| `{k.name}` | {', '.join(kind_arrays(k.name, 'BASIS'))} | "
           f"{'yes' if k.cumulative and k.source != 'loss' else 'no'} | "
-          f"{'yes' if k.allocation else 'no'} | {k.doc} |" for k in TRAJECTORY_KINDS.values()),
+          f"{'yes' if k.allocation else 'no'} | {_cell(k.doc)} |"
+          for k in TRAJECTORY_KINDS.values()),
         "",
         "## Cluster labels", "",
         "`clusters/NAME.parquet` holds one label per token (per vector and token for kinds with "
@@ -1049,6 +1064,10 @@ def describe() -> str:
         first = " ".join(member.__doc__.split("\n\n")[0].split())
         lines.append(f"- `{name}`: {first}")
     return "\n".join(lines) + "\n"
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|")
 
 
 if __name__ == "__main__":
