@@ -11,7 +11,6 @@ import pickle
 import signal
 import subprocess
 import sys
-import time
 from concurrent.futures import ProcessPoolExecutor
 from functools import partial
 
@@ -229,9 +228,9 @@ def test_a_second_process_is_refused_while_one_holds_the_run(trained, tmp_path):
                               env=env, text=True)
     try:
         assert holder.stdout.readline().strip() == "holding"
-        with pytest.raises(RunLocked, match=rf"another polca process \(pid {holder.pid}\)"):
-            with RunDir(root).lock():
-                pass
+        with pytest.raises(RunLocked, match=rf"another polca process \(pid {holder.pid}\)"), \
+                RunDir(root).lock():
+            pass
         result = CliRunner().invoke(app, ["trajectories", str(root), "-q"])
         assert result.exit_code == 2
         lines = [line for line in result.output.splitlines() if line.strip()]
@@ -239,9 +238,8 @@ def test_a_second_process_is_refused_while_one_holds_the_run(trained, tmp_path):
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait()
-    with RunDir(root).lock():  # a killed holder leaves no stale lock
-        with RunDir(root).lock():  # and the lock is re-entrant within a process
-            pass
+    with RunDir(root).lock(), RunDir(root).lock():  # no stale lock; re-entrant in a process
+        pass
 
 
 # -- the kernel and executors -------------------------------------------------------------------

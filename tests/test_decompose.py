@@ -188,6 +188,10 @@ def test_diagnostics_match_direct_formulas():
         relative, rel=1e-12)
     assert summary["rmse_paper_vs_exact_second_order"] == pytest.approx(
         np.sqrt(((paper - second).numpy() ** 2).mean()), rel=1e-12)
+    for t in range(T):  # per interval, from the same formula
+        r = np.abs(delta_loss[t].numpy() - full[:, t].sum(0)).sum()
+        assert summary["explained_per_interval"]["polca"][t] == pytest.approx(
+            1 - r / np.abs(delta_loss[t].numpy()).sum(), rel=1e-12)
     assert summary["paper_small_denominators"] == 1
     assert summary["zero_step_intervals"] == []
 

@@ -132,7 +132,7 @@ def check_edited_input_is_detected(root) -> None:
 
 
 def test_stages_killed_twice_each_resume_bit_identical(reference, tmp_path):
-    root_ref, durations, expected = reference
+    _, durations, expected = reference
     root = tmp_path / "killed"
     landed = killed_run(root, durations, kills_per_stage=2, seed=0)
     print(f"kills that hit a running stage: {landed}")

@@ -88,7 +88,7 @@ def hessian(
     loss: TokenLoss,
     checkpoints: Sequence[BasisCheckpoint],
     sample: ProbeBatch,
-    options: Algorithm1Options = Algorithm1Options(),
+    options: Algorithm1Options | None = None,
     *,
     shuffled: bool = False,
     name: str | None = None,
@@ -104,6 +104,7 @@ def hessian(
     ones of the order; the rest are processed. ``on_checkpoint(basis)`` gets the basis so far
     after every checkpoint.
     """
+    options = options or Algorithm1Options()
     kind = "shuffled-hessian" if shuffled else "hessian"
     name = name or kind
     if shuffled:

@@ -309,7 +309,8 @@ class DecompositionDiagnostics:
     Call :meth:`update` per interval with ``delta_loss [tokens]``, ``delta [m]`` and the
     ``[m, tokens]`` term tensors that exist; :meth:`summary` returns a JSON-ready dict with,
     per estimator, the mean |residual| and the fraction of |ΔL| explained
-    (1 − Σ|R| / Σ|ΔL|), the first- vs full-order agreement, the paper-vs-exact RMSE of the
+    (1 − Σ|R| / Σ|ΔL|), over the run and per interval (None where ΔL = 0), the first- vs
+    full-order agreement, the paper-vs-exact RMSE of the
     second-order terms, the count of small paper denominators, and the intervals where the
     checkpoints are identical (δ = 0 for every vector).
 
@@ -323,6 +324,7 @@ class DecompositionDiagnostics:
     def __init__(self, n_vectors: int):
         self.n_vectors = n_vectors
         self.sums: dict[str, dict[str, float]] = {}
+        self.per_interval: dict[str, list[float | None]] = {}
         self.agreement = {"dot": 0.0, "first_sq": 0.0, "full_sq": 0.0, "diff_sq": 0.0}
         self.paper_error = {"sum_sq": 0.0, "count": 0}
         self.small_denominators = 0
@@ -335,7 +337,8 @@ class DecompositionDiagnostics:
                second_paper: torch.Tensor | None = None, integrated: torch.Tensor | None = None,
                small_denominators: torch.Tensor | None = None) -> None:
         self.n_intervals += 1
-        self.abs_delta_loss += float(delta_loss.abs().sum())
+        total = float(delta_loss.abs().sum())
+        self.abs_delta_loss += total
         if bool((delta == 0).all()):
             self.zero_step_intervals.append(int(interval))
         estimators = {"first_order": first}
@@ -350,6 +353,8 @@ class DecompositionDiagnostics:
             entry = self.sums.setdefault(name, {"abs_residual": 0.0, "sq_residual": 0.0})
             entry["abs_residual"] += float(r.abs().sum())
             entry["sq_residual"] += float((r * r).sum())
+            self.per_interval.setdefault(name, []).append(
+                1.0 - float(r.abs().sum()) / total if total > 0 else None)
         if second_exact is not None:
             full = first + second_exact
             self.agreement["dot"] += float((first * full).sum())
@@ -382,6 +387,7 @@ class DecompositionDiagnostics:
             "n_intervals": self.n_intervals,
             "sum_abs_delta_loss": self.abs_delta_loss,
             "estimators": estimators,
+            "explained_per_interval": self.per_interval,
             "first_vs_second_order": agreement,
             "rmse_paper_vs_exact_second_order": (
                 (self.paper_error["sum_sq"] / count) ** 0.5 if count else None),

@@ -78,13 +78,10 @@ from polca.atomic import (
 from polca.checkpoints import CheckpointStore
 from polca.cluster import DROPPED, FILTERED, NOISE
 from polca.functional import ProbeBatch
+from polca.tasks.base import label_columns
 
 SEQUENCE_COLUMNS = ("sequence", "input_ids")
 TOKEN_COLUMNS = ("token", "sequence", "position", "target")
-# Token-table columns that describe a token and are never ground-truth labels.
-TOKEN_FIELDS = ("token", "sequence", "position", "target", "text", "context", "example",
-                "document", "char_start", "char_end")
-MAX_LABEL_VALUES = 100  # a column with more distinct values is not a label (without a list)
 LABEL_VALUES = {NOISE: "noise", FILTERED: "filtered", DROPPED: "vector dropped"}
 
 # Arrays of arrays.zarr ------------------------------------------------------------------------
@@ -229,24 +226,6 @@ def batch_sha256(batch: ProbeBatch) -> str:
 
 
 # Token tables -----------------------------------------------------------------------------------
-def label_columns(tokens: pd.DataFrame, declared: Sequence[str] | None = None) -> list[str]:
-    """The token-table columns that are ground-truth labels: ``declared`` (the task's list,
-    recorded with the probe set) where present, else every column outside
-    :data:`TOKEN_FIELDS` that is bool, integer or string with 2..100 distinct values.
-
-    >>> tokens = pd.DataFrame({"token": [0, 1, 2], "text": ["a", "b", "c"],
-    ...                        "carry": [True, False, True], "id": [7, 8, 9]})
-    >>> label_columns(tokens), label_columns(tokens, declared=["carry"])
-    (['carry', 'id'], ['carry'])
-    """
-    if declared is not None:
-        return [c for c in declared if c in tokens.columns]
-    return [c for c in tokens.columns if c not in TOKEN_FIELDS
-            and (tokens[c].dtype == bool or pd.api.types.is_integer_dtype(tokens[c])
-                 or pd.api.types.is_string_dtype(tokens[c]))
-            and 2 <= tokens[c].nunique() <= MAX_LABEL_VALUES]
-
-
 def validate_probe(sequences: pd.DataFrame, tokens: pd.DataFrame, where: str) -> None:
     for frame, columns, name in (
         (sequences, SEQUENCE_COLUMNS, "sequences.parquet"),
@@ -703,11 +682,6 @@ class RunDir:
         t)``: one interval)."""
         arrays, names = self._kind_arrays(kind, basis)
         return sum(np.asarray(arrays.block(n, index), dtype=np.float64) for n in names)
-
-    def trajectory_shape(self, kind: str, basis: str | None) -> tuple[int, ...]:
-        """``(vectors, time, tokens)`` of a projected kind's arrays."""
-        arrays, names = self._kind_arrays(kind, basis)
-        return arrays.shape(names[0])
 
     def projected(self, kind: str, basis: str | None, vectors=slice(None)) -> np.ndarray:
         """``[vector, checkpoint, token]`` trajectories of a projected kind as they are

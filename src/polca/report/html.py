@@ -165,28 +165,6 @@ class RunData:
         except (StoreError, ValueError, KeyError):
             return None
 
-    def explained_per_interval(self, basis: str, loss: np.ndarray) -> dict[str, np.ndarray]:
-        """Per estimator the fraction of |ΔL| explained in each interval, ``[intervals]``:
-        ``1 − Σ_x |ΔL[x, t] − Σ_b terms[b, t, x]| / Σ_x |ΔL[x, t]|``, read one interval at a
-        time so that large runs fit in memory. Empty if the terms are absent or misaligned."""
-        delta_loss = np.diff(loss, axis=1)  # [tokens, intervals]
-        out = {}
-        for estimator in ("first_order", "polca", "polca_paper", "integrated"):
-            try:
-                shape = self.run.trajectory_shape(estimator, basis)
-            except StoreError:
-                continue
-            if shape[1:] != delta_loss.shape[::-1]:
-                continue
-            explained = np.empty(shape[1])
-            for t in range(shape[1]):
-                allocated = self.run.trajectory_terms(estimator, basis, (slice(None), t)).sum(0)
-                total = np.abs(delta_loss[:, t]).sum()
-                residual = np.abs(delta_loss[:, t] - allocated).sum()
-                explained[t] = 1.0 - residual / total if total > 0 else np.nan
-            out[estimator] = explained
-        return out
-
     def tau(self) -> float | None:
         """τ, the step after which the exact loss is flat, as the cluster stage recorded it."""
         for clustering in self.run.read_clusterings()[0]:
@@ -286,7 +264,7 @@ def basis_section(data: RunData) -> str:
 def diagnostics_section(data: RunData, page: Page) -> str:
     """Per basis: the decompose stage's summary (fraction of |ΔL| explained per estimator,
     first- vs second-order agreement, paper-curvature checks) and the fraction explained per
-    interval, recomputed here from the stored terms and the exact losses."""
+    interval it recorded."""
     diagnostics = data.run.read_diagnostics()
     if not diagnostics:
         return note("no diagnostics/*.json: run `polca decompose`")
@@ -296,7 +274,8 @@ def diagnostics_section(data: RunData, page: Page) -> str:
         for key, value in flatten(info).items():
             if key.startswith("estimators.") and key.endswith(".explained_fraction"):
                 row[f"explained: {key.split('.')[1]}"] = value
-            elif not isinstance(value, list) and key not in ("basis", "steps"):
+            elif not isinstance(value, list) and key not in ("basis", "steps") \
+                    and not key.startswith("explained_per_interval."):
                 row[key] = value
             elif key == "zero_step_intervals":
                 row[key] = len(value)
@@ -304,13 +283,12 @@ def diagnostics_section(data: RunData, page: Page) -> str:
     summary = pd.DataFrame(rows).set_index("basis").T.reset_index(names="quantity")
     parts = [table(summary, "Decomposition diagnostics per basis (explained: 1 − Σ|residual| / "
                             "Σ|ΔL| over tokens and intervals)")]
-    loss, steps = data.array(LOSS), data.steps()
-    series = {}
-    for name in diagnostics:
-        if loss is not None:
-            for estimator, values in data.explained_per_interval(name, loss).items():
-                series[f"{name}: {estimator}"] = values
-    if series and steps is not None:
+    steps = data.steps()
+    series = {f"{name}: {estimator}": np.array(values, dtype=float)
+              for name, info in diagnostics.items()
+              for estimator, values in (info.get("explained_per_interval") or {}).items()}
+    if series and steps is not None and all(len(v) == len(steps) - 1
+                                            for v in series.values()):
         parts.append(page.figure("diagnostics_explained", figures.interval_series(
             steps[1:], series, ylabel="fraction of |ΔL| explained",
             title="Fraction of the exact loss change explained, per interval"),

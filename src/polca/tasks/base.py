@@ -15,6 +15,29 @@ import pandas as pd
 
 from polca.functional import ProbeBatch
 
+# Token-table columns that describe a token and are never ground-truth labels.
+TOKEN_FIELDS = ("token", "sequence", "position", "target", "text", "context", "example",
+                "document", "char_start", "char_end")
+MAX_LABEL_VALUES = 100  # a column with more distinct values is not a label (without a list)
+
+
+def label_columns(tokens: pd.DataFrame, declared: Sequence[str] | None = None) -> list[str]:
+    """The token-table columns that are ground-truth labels: ``declared`` (the task's list,
+    recorded with the probe set) where present, else every column outside
+    :data:`TOKEN_FIELDS` that is bool, integer or string with 2..100 distinct values.
+
+    >>> tokens = pd.DataFrame({"token": [0, 1, 2], "text": ["a", "b", "c"],
+    ...                        "carry": [True, False, True], "id": [7, 8, 9]})
+    >>> label_columns(tokens), label_columns(tokens, declared=["carry"])
+    (['carry', 'id'], ['carry'])
+    """
+    if declared is not None:
+        return [c for c in declared if c in tokens.columns]
+    return [c for c in tokens.columns if c not in TOKEN_FIELDS
+            and (tokens[c].dtype == bool or pd.api.types.is_integer_dtype(tokens[c])
+                 or pd.api.types.is_string_dtype(tokens[c]))
+            and 2 <= tokens[c].nunique() <= MAX_LABEL_VALUES]
+
 
 @runtime_checkable
 class Task(Protocol):

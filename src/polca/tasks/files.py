@@ -33,6 +33,7 @@ import torch
 
 from polca.functional import ProbeBatch
 from polca.probes import ProbeFileError, probe_tables, read_examples
+from polca.tasks.base import TOKEN_FIELDS
 
 
 class FileTask:
@@ -66,8 +67,7 @@ class FileTask:
         if largest >= self.vocab_size:
             raise ProbeFileError(f"token id {largest} is outside the vocabulary of "
                                  f"{self.vocab_size} (set options.vocab_size or options.vocab)")
-        reserved = {"token", "sequence", "position", "target", "text", "context", "example"}
-        self.label_columns = tuple(c for c in self.probe_tokens.columns if c not in reserved)
+        self.label_columns = tuple(c for c in self.probe_tokens.columns if c not in TOKEN_FIELDS)
         self.probe_tokens = self.probe_tokens.assign(
             text=[self.decode([t]) for t in self.probe_tokens["target"]],
             context=[self.decode(self.probe_sequences["input_ids"].iloc[s][: p + 1])

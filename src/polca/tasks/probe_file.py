@@ -40,9 +40,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from polca.config import ConfigError
 from polca.functional import ProbeBatch
 from polca.probes import ProbeFileError, probe_tables, read_examples
-
-# token-table columns of a probe file that are not labels
-NOT_LABELS = ("token", "sequence", "position", "target", "text", "context", "example")
+from polca.tasks.base import TOKEN_FIELDS
 
 
 class ProbeFileOptions(BaseModel):
@@ -111,7 +109,7 @@ class ProbeFileTask:
         if largest >= self.vocab_size:
             raise ProbeFileError(f"{probe}: token id {largest} is outside the model's vocabulary "
                                  f"of {self.vocab_size}; tokenise with the model's own tokenizer")
-        self.label_columns = tuple(c for c in self.tokens.columns if c not in NOT_LABELS)
+        self.label_columns = tuple(c for c in self.tokens.columns if c not in TOKEN_FIELDS)
 
     @classmethod
     def from_config(cls, cfg, root=None, hints: dict | None = None) -> ProbeFileTask:
