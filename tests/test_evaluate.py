@@ -110,7 +110,7 @@ def brute_force_label_clusters(labels, positive, group, skill_groups, concentrat
     rows = {}
     n_skill_total = 0
     for lab, pos, grp in zip(labels, positive, group):
-        if lab < 0 or pos != pos:  # noise, filtered, or no label (NaN)
+        if lab < 0 or math.isnan(pos):  # noise, filtered, or no label
             continue
         is_skill = pos == 1 and (skill_groups is None or grp in skill_groups)
         n_skill_total += is_skill

@@ -51,9 +51,11 @@ import re
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from itertools import pairwise
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from torch import nn
 from torch.func import functional_call
 
@@ -118,9 +120,7 @@ class ExactRMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         wide = x.to(torch.promote_types(x.dtype, torch.float32))
         normed = (wide * torch.rsqrt(wide.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
-        if self.weight is None:
-            return normed
-        return (self.weight + self.offset) * normed if self.offset else self.weight * normed
+        return normed if self.weight is None else (self.weight + self.offset) * normed
 
 
 _EXACT = (ExactLayerNorm, ExactRMSNorm, nn.RMSNorm)  # F.rms_norm is exact under jvp-of-jvp
@@ -133,10 +133,10 @@ def _candidates(module: nn.Module) -> Iterator[nn.Module]:
     weight, bias = params.get("weight"), params.get("bias")
     eps = next((getattr(module, a) for a in _EPS_ATTRIBUTES
                 if isinstance(getattr(module, a, None), float)), None)
+    kinds = ("rms", "layer") if "RMS" in type(module).__name__ else ("layer", "rms")
     # OLMo's LayerNorm has no eps attribute (1e-5 is written in its forward)
     for e in (eps,) if eps is not None else (1e-5, 1e-6):
-        rms_first = "RMS" in type(module).__name__
-        for kind in ("rms", "layer") if rms_first else ("layer", "rms"):
+        for kind in kinds:
             if kind == "layer":
                 yield ExactLayerNorm(weight, bias, e)
             elif bias is None:
@@ -186,7 +186,7 @@ def _reproduces(original: nn.Module, exact: nn.Module, width: int, dtype: torch.
     module's own parameters and with random ones (so the formula, not the values, agrees)."""
     generator = torch.Generator().manual_seed(0)
     params = dict(original.named_parameters(recurse=False))
-    eps = getattr(exact, "eps")
+    eps = exact.eps
     settings = [params, {n: torch.randn(p.shape, generator=generator).to(p) + 1
                          for n, p in params.items()}]
     for scale in (3.0, eps ** 0.5):
@@ -323,10 +323,9 @@ class HFTokenLoss(ModuleTokenLoss):
 
     def __init__(self, model: nn.Module, include: Sequence[str] | None = None, **kwargs):
         model.eval()
-        if getattr(model, "config", None) is not None:
-            model.config.use_cache = False  # a cache is for generation; here it only costs
         self.replaced = make_forward_exact(model)
         use_exact_attention(model)
+        model.config.use_cache = False  # a key/value cache is for generation; here it only costs
         super().__init__(model, include=include, **kwargs)
 
     def logits(self, theta: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
@@ -404,13 +403,12 @@ def load_pretrained(path: str | os.PathLike, dtype: torch.dtype = torch.float64,
 def stored_dtype(path: str | os.PathLike) -> torch.dtype | None:
     """The dtype of the first floating tensor in a checkpoint's safetensors files (read from
     their headers only), else the ``dtype``/``torch_dtype`` its config.json states, else None."""
-    from safetensors import safe_open
-
     for file in weight_files(path):
         if file.suffix != ".safetensors":
             break
         with safe_open(str(file), framework="pt") as handle:
-            for key in handle.keys():
+            names = handle.keys()
+            for key in names:
                 dtype = handle.get_slice(key).get_dtype()
                 torch_dtype = _SAFETENSORS_DTYPES.get(dtype)
                 if torch_dtype is not None:
@@ -514,9 +512,8 @@ class HFCheckpointSeries(StateSeries):
         else:
             self.tokens_per_step, self.tokens_per_step_source = None, "unknown"
         self.fingerprints = [weights_fingerprint(p) for p in self.paths]
-        self.duplicates = [(a, b) for (a, fa), (b, fb) in zip(
-            zip(self.steps, self.fingerprints), zip(self.steps[1:], self.fingerprints[1:]))
-            if fa == fb]
+        self.duplicates = [(a, b) for (a, fa), (b, fb)
+                           in pairwise(zip(self.steps, self.fingerprints)) if fa == fb]
         if self.duplicates:
             warnings.warn(
                 f"consecutive checkpoints with identical weights at steps {self.duplicates}: "
