@@ -358,12 +358,12 @@ def test_pythia_hub_cache_gives_steps_tokens_and_flags_duplicates(tmp_path):
     revisions = {"step0": saved[0][0], "step1000": saved[1000][0], "step2000": saved[1000][0],
                  "step3000": saved[3000][0], "main": saved[3000][0]}
     cache = hub_cache(tmp_path / "hub", "EleutherAI/pythia-tiny", revisions)
-    with pytest.warns(UserWarning, match=r"identical weights at steps \[\(1000, 2000\)\]"):
-        series = hf_series(cache)
+    series = hf_series(cache)
     assert series.steps == [0, 1000, 2000, 3000]  # main has no step: left out
+    with pytest.warns(UserWarning, match=r"identical weights at steps \[\(1000, 2000\)\]"):
+        meta = series.metadata
     assert series.tokens_per_step == PYTHIA_TOKENS_PER_STEP == 2_097_152
     assert series.tokens_seen == [0, 1000 * 2_097_152, 2000 * 2_097_152, 3000 * 2_097_152]
-    meta = series.metadata
     assert meta["repo_id"] == "EleutherAI/pythia-tiny"
     assert meta["duplicates"] == [[1000, 2000]]
     assert "default for EleutherAI/pythia-*" in meta["tokens_per_step_source"]
@@ -390,11 +390,11 @@ def test_other_hub_repos_have_no_token_default(tmp_path):
     saved = save_series(tmp_path / "made", [0, 10], name="s{}")
     cache = hub_cache(tmp_path / "hub", "someone/gpt2-run",
                       {"step0": saved[0][0], "step10": saved[10][0]})
+    series = hf_series(cache)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no duplicate warning for distinct checkpoints
-        series = hf_series(cache)
+        assert series.duplicates == []
     assert series.tokens_per_step is None and series.metadata["tokens_per_step_source"] == "unknown"
-    assert series.duplicates == []
 
 
 def test_series_manifest_gives_steps(tmp_path):

@@ -16,8 +16,9 @@ A series is a list of local checkpoint directories (``save_pretrained`` output, 
 * All checkpoints must share one architecture (``config.json`` equal on
   :data:`ARCHITECTURE_KEYS`); otherwise the error names both directories and the key.
 * Consecutive checkpoints with identical weights (same content hash) are flagged with a
-  warning and listed in :attr:`HFCheckpointSeries.metadata`; published series have held such
-  duplicates, and their interval has no parameter change to decompose.
+  warning when first looked for (:attr:`HFCheckpointSeries.duplicates`, also read by
+  ``metadata``) and listed in the metadata; published series have held such duplicates, and
+  their interval has no parameter change to decompose.
 * Tokens seen: ``step × tokens_per_step`` when that is known: given, or for
   ``EleutherAI/pythia-*`` hub caches Pythia's published batch of 1024 × 2048 tokens
   (:data:`PYTHIA_TOKENS_PER_STEP`), stated as such in the metadata.
@@ -51,6 +52,7 @@ import re
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from functools import cached_property
 from itertools import pairwise
 from pathlib import Path
 
@@ -86,9 +88,9 @@ ARCHITECTURE_KEYS = (
     "scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn",
 )
 
-# Pythia's published batch: 1024 sequences of 2048 tokens per optimizer step (Biderman et al.
-# 2023, "Pythia: A Suite for Analyzing Large Language Models", Table/§2). Used only as the
-# stated default for EleutherAI/pythia-* hub caches; pass tokens_per_step= to override.
+# Pythia's published batch: 1024 sequences of 2048 tokens per optimizer step, 2,097,152 tokens
+# (Biderman et al. 2023, "Pythia: A Suite for Analyzing Large Language Models"). Only the
+# stated default for EleutherAI/pythia-* hub caches; tokens_per_step= overrides it.
 PYTHIA_TOKENS_PER_STEP = 1024 * 2048
 _PYTHIA_REPO = re.compile(r"EleutherAI/pythia-[\w.-]+")
 
@@ -481,9 +483,9 @@ class HFCheckpointSeries(StateSeries):
         tokens_per_step: training tokens per optimizer step; default: Pythia's published
             :data:`PYTHIA_TOKENS_PER_STEP` for ``EleutherAI/pythia-*``, otherwise unknown.
 
-    Attributes:
-        fingerprints: weights hash per checkpoint (:func:`weights_fingerprint`), step order.
-        duplicates: ``[(step, next step)]`` of consecutive checkpoints with equal weights.
+    ``fingerprints``, ``duplicates`` and ``metadata`` (which holds both) read the weight
+    files' hashes on first use: a run source should read ``metadata`` when it creates a run,
+    so the duplicate warning is shown and recorded.
     """
 
     def __init__(self, entries: Sequence[tuple[int, Path]], *, dtype: torch.dtype = torch.float64,
@@ -511,15 +513,26 @@ class HFCheckpointSeries(StateSeries):
                 "2048 tokens; pass tokens_per_step= if this run differs")
         else:
             self.tokens_per_step, self.tokens_per_step_source = None, "unknown"
-        self.fingerprints = [weights_fingerprint(p) for p in self.paths]
-        self.duplicates = [(a, b) for (a, fa), (b, fb)
-                           in pairwise(zip(self.steps, self.fingerprints)) if fa == fb]
-        if self.duplicates:
+
+    @cached_property
+    def fingerprints(self) -> list[str]:
+        """Weights hash per checkpoint (:func:`weights_fingerprint`), in step order; computed on
+        first use (free in a hub cache, one read of every weight file otherwise)."""
+        return [weights_fingerprint(p) for p in self.paths]
+
+    @cached_property
+    def duplicates(self) -> list[tuple[int, int]]:
+        """``[(step, next step)]`` of consecutive checkpoints with identical weights; a warning
+        names them when they are first looked for."""
+        found = [(a, b) for (a, fa), (b, fb) in pairwise(zip(self.steps, self.fingerprints))
+                 if fa == fb]
+        if found:
             warnings.warn(
-                f"consecutive checkpoints with identical weights at steps {self.duplicates}: "
-                "their interval has no parameter change (zero loss change, zero POLCA terms). "
-                "Leave one of each pair out (steps=/revisions=) unless that is what you want",
+                f"consecutive checkpoints with identical weights at steps {found}: their "
+                "interval has no parameter change (zero loss change, zero POLCA terms). Leave "
+                "one of each pair out (steps=/revisions=) unless that is what you want",
                 stacklevel=2)
+        return found
 
     @property
     def tokens_seen(self) -> list[int] | None:
