@@ -260,6 +260,8 @@ def test_analyze_cli_writes_a_report_and_the_run_reopens(data, tmp_path):
     assert (root / "report" / "index.html").is_file()
     config = (root / "config.toml").read_text()
     assert 'kind = "hf"' in config and "batch_size = 4" in config
+    source = json.loads((root / "source.json").read_text())  # the series as hf_series saw it
+    assert [c["step"] for c in source["checkpoints"]] == list(STEPS)
     scores = (root / "evaluation" / "scores.csv").read_text()
     assert "role" in scores  # the probe file's labels reach the evaluation
     again, output = invoke("evaluate", root, "--quiet")  # reopened from the run directory

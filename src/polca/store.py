@@ -9,6 +9,8 @@ Layout::
     runs/NAME/
       config.toml                        the resolved config that produced the run
       checkpoints/                       built-in training only (:mod:`polca.checkpoints`)
+      source.json                        an outside series as its source describes it (steps,
+                                         paths, weight fingerprints, tokens seen)
       probe/sequences.parquet            one row per probe sequence: sequence, input_ids, ...
       probe/tokens.parquet               one row per scored token: token, sequence, position,
                                          target, then text, context and the labels
@@ -556,6 +558,15 @@ class RunDir:
         if not path.is_file():
             return None
         return read_json(path).get("checkpoints")
+
+    def write_source(self, metadata: dict) -> None:
+        """``source.json``: what the run source records about an outside checkpoint series."""
+        atomic_write_json(self.root / "source.json", metadata)
+
+    def read_source(self) -> dict | None:
+        """``source.json``, or None (runs polca trained, or sources that record nothing)."""
+        path = self.root / "source.json"
+        return read_json(path) if path.is_file() else None
 
     def files_sha256(self, paths: Sequence[Path]) -> str:
         """One content hash of files outside the run (a checkpoint folder counts its weight

@@ -163,6 +163,8 @@ def open_run(root, cfg: RunConfig | None = None, dtype=torch.float64, device=Non
                     run.say(f"probe: the probe set of {run.root} changed; the stages that read "
                             "it recompute")
                 run.write_probe(sequences, tokens, labels=task.label_columns)
+        if stored is None and getattr(source.series, "metadata", None) is not None:
+            run.write_source(source.series.metadata)
         if hasattr(task, "run_files"):
             run.write_task_files(task.run_files())
         if stored is None or stored != cfg:  # written last: a run with a config is complete
