@@ -282,8 +282,9 @@ class Run:
 
     def run(self) -> Run:
         """Every stage of the run in order (what is done is skipped), then :meth:`load`."""
-        for name in stages_of(self.ctx.cfg):
-            getattr(self, name)()
+        with self.ctx.run.lock():  # no other process between two stages
+            for name in stages_of(self.ctx.cfg):
+                getattr(self, name)()
         return self.load()
 
     fit = run

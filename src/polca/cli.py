@@ -64,13 +64,14 @@ def _execute(ctx, stages, quiet: bool) -> None:
     from polca.stages.evaluate import format_tables
 
     report = None
-    for name in stages:
-        typer.secho(f"── {name}", fg=typer.colors.CYAN, err=True)
-        result = run_stage(ctx, name, progress=not quiet)
-        if name == "evaluate" and result is not None and len(stages) == 1:
-            typer.echo(format_tables(result))
-        if name == "report":
-            report = result
+    with ctx.run.lock():  # the whole command: no other process between two stages
+        for name in stages:
+            typer.secho(f"── {name}", fg=typer.colors.CYAN, err=True)
+            result = run_stage(ctx, name, progress=not quiet)
+            if name == "evaluate" and result is not None and len(stages) == 1:
+                typer.echo(format_tables(result))
+            if name == "report":
+                report = result
     if "evaluate" in stages and len(stages) > 1:
         typer.echo(_summary(ctx.run))
     if report is not None:

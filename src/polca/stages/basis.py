@@ -59,6 +59,8 @@ def run_basis(ctx: RunContext, progress: bool = True) -> dict[str, Basis]:
     if cfg.max_vectors is not None:
         n_vectors = min(n_vectors, cfg.max_vectors)
     sample = ctx.basis_sample(cfg.sample_size)
+    # a probe-file task without training sequences fits the basis to its probe: say so
+    sample_source = getattr(getattr(ctx, "task", None), "sample_source", "training data")
     batch_size = ctx.cfg.trajectories.batch_size
     options = algorithm_one_options(cfg, batch_size, n_vectors)
     run = ctx.run
@@ -72,7 +74,8 @@ def run_basis(ctx: RunContext, progress: bool = True) -> dict[str, Basis]:
                                dtype=dtype)
 
     for kind in cfg.kinds:
-        params = _params(cfg, kind, [steps[i] for i in positions], n_vectors)
+        params = {**_params(cfg, kind, [steps[i] for i in positions], n_vectors),
+                  "sample_source": sample_source}
         user = _user_vectors(cfg, loss.space.dim) if kind == "user" else None
         inputs = ctx.inputs(
             "source", "checkpoints", params=params, sample=ctx.sample_sha256(sample),

@@ -174,11 +174,13 @@ def open_run(root, cfg: RunConfig | None = None, dtype=torch.float64, device=Non
 
 def _accept_changed_config(run: RunDir, stored: RunConfig, cfg: RunConfig) -> None:
     old, new = stored.model_dump(mode="json"), cfg.model_dump(mode="json")
-    changed = [f"{section}.{key}" if isinstance(new.get(section), dict) else section
-               for section in new
-               for key in (new[section] if isinstance(new.get(section), dict) else [None])
-               if (old.get(section) if key is None else (old.get(section) or {}).get(key))
-               != (new[section] if key is None else new[section][key])]
+    changed = []
+    for section, value in new.items():
+        if isinstance(value, dict):
+            before = old.get(section) or {}
+            changed += [f"{section}.{key}" for key in value if before.get(key) != value[key]]
+        elif old.get(section) != value:
+            changed.append(section)
     fixed = [c for c in changed if c.split(".")[0] in TRAINING_SECTIONS]
     if cfg.trains and fixed:
         raise StoreError(
