@@ -9,6 +9,7 @@ interrupted training resumes exactly.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
 
 import pandas as pd
