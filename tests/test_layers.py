@@ -15,10 +15,10 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 
 LAYERS = {
     "kernels": ["functional", "directional", "curvature", "bases", "decompose", "cluster",
-                "evaluate", "label", "measures"],
+                "evaluate", "label", "measures", "precision"],
     "sources": ["config", "tasks", "models", "byo", "corpus", "probes", "sources"],
     "contract": ["atomic", "store", "checkpoints"],
-    "parallel": ["parallel"],
+    "parallel": ["parallel", "ray_executor"],
     "stages": ["stages", "train"],
     "face": ["api", "cli", "report", "__init__"],
 }

@@ -95,6 +95,7 @@ def hessian(
     partial: Basis | None = None,
     on_checkpoint: Callable[[Basis], None] | None = None,
     params: dict | None = None,
+    make_operator: Callable[[torch.Tensor], object] | None = None,
 ) -> Basis:
     """Algorithm 1 over ``checkpoints`` (see :func:`polca.curvature.hessian_basis`): in training
     order (kind ``hessian``) or, with ``shuffled``, in the seeded permutation
@@ -102,7 +103,7 @@ def hessian(
 
     ``partial`` (a basis saved by ``on_checkpoint``) resumes: its checkpoints must be the first
     ones of the order; the rest are processed. ``on_checkpoint(basis)`` gets the basis so far
-    after every checkpoint.
+    after every checkpoint. ``make_operator``: see :func:`polca.curvature.hessian_basis`.
     """
     options = options or Algorithm1Options()
     kind = "shuffled-hessian" if shuffled else "hessian"
@@ -129,6 +130,7 @@ def hessian(
         provenance=None if partial is None else partial.provenance,
         on_checkpoint=None if on_checkpoint is None else (
             lambda v, p: on_checkpoint(as_basis(v, p))),
+        make_operator=make_operator,
     )
     return as_basis(vectors, provenance)
 

@@ -175,11 +175,51 @@ class ReportConfig(Section):
     examples_per_cluster: int = Field(10, gt=0)
 
 
+class BinaryLabelConfig(Section):
+    """A two-valued label of the probe tokens scored with the paper's homogeneity, recall and
+    F1 (:func:`polca.evaluate.label_table`); written to ``evaluation/label-<column>.csv``."""
+
+    column: str
+    positive: str | int | bool | None = Field(
+        None, description="the value that marks the skill (default: True / 1)")
+    group: str | None = Field(None, description="grouping column (the paper's: place)")
+    skill_groups: list[str | int] | None = Field(
+        None, description="groups whose positives are the skill (default: all)")
+
+
+class EvaluateConfig(Section):
+    labels: list[BinaryLabelConfig] = Field(
+        default_factory=list, description="binary labels to score (paper's Appendix G metric)")
+    auto_binary: bool = Field(True, description="also score every other two-valued label "
+                                                "column (positive: True/1, else the rarer value)")
+
+
+class ComputeConfig(Section):
+    """Where and in which arithmetic the analysis stages run (every stage that computes).
+
+    ``device``: ``"cpu"``, ``"cuda"``, ``"cuda:1"``, …, ``"auto"`` (CUDA when available), or
+    None: ``train.device`` (``"cpu"`` unless set). Training runs there too.
+    ``dtype``: the model's forward arithmetic, overriding the per-stage defaults
+    (trajectories float64, ``basis.dtype``, ``decompose.dtype``): ``float64``, ``float32``,
+    ``tf32`` (float32 storage, TensorFloat-32 matrix products on CUDA) or ``bfloat16``.
+    Projections (δ = ⟨b, Δθ⟩, the terms) accumulate in float64 whatever the model runs in.
+    """
+
+    device: str | None = None
+    dtype: Literal["float64", "float32", "tf32", "bfloat16"] | None = None
+
+
 class ExecutorConfig(Section):
     """How the decompose and trajectories stages run their blocks (:mod:`polca.parallel`);
     results are the same whichever runs them."""
 
-    kind: Literal["in-process"] = "in-process"
+    kind: Literal["in-process", "ray"] = "in-process"
+    address: str | None = Field(None, description='Ray: "auto" (a running cluster), '
+                                                  '"HOST:PORT", or None (a local one)')
+    block_intervals: int = Field(8, gt=0, description="consecutive intervals per decompose "
+                                                      "task (their shared checkpoints once)")
+    hvp_shards: int = Field(1, gt=0, description="basis sample shards summed per Hessian-vector "
+                                                 "product (changes rounding: an input)")
 
 
 class RunConfig(Section):
@@ -195,6 +235,8 @@ class RunConfig(Section):
     decompose: DecomposeConfig = DecomposeConfig()
     cluster: ClusterConfig = ClusterConfig()
     report: ReportConfig = ReportConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    compute: ComputeConfig = ComputeConfig()
     executor: ExecutorConfig = ExecutorConfig()
 
     @model_validator(mode="after")
@@ -216,6 +258,9 @@ class RunConfig(Section):
 
 # Config sections that define a trained run: a run directory keeps them for good.
 TRAINING_SECTIONS = ("seed", "source", "task", "model", "train", "checkpoints")
+# Config values that say where and how a run computes, not what: changing them recomputes
+# nothing (results agree to rounding; compute.dtype is an input of the stages it affects).
+RUNTIME_KEYS = ("train.device", "compute.device", "executor.kind", "executor.address")
 
 
 def load_config(path: str | Path) -> RunConfig:

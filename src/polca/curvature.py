@@ -343,6 +343,7 @@ def hessian_basis(
     vectors: torch.Tensor | None = None,
     provenance: Sequence[dict] | None = None,
     on_checkpoint: Callable[[torch.Tensor, list[dict]], None] | None = None,
+    make_operator: Callable[[torch.Tensor], object] | None = None,
 ) -> tuple[torch.Tensor, list[dict]]:
     """Algorithm 1: top-k eigenvectors of ``P H_t P`` at each basis checkpoint, in order.
 
@@ -352,6 +353,9 @@ def hessian_basis(
     re-orthogonalised against B and appended. Resume by passing the ``vectors`` and
     ``provenance`` found so far together with the checkpoints not yet processed;
     ``on_checkpoint(vectors, provenance)`` is called after every checkpoint (to save progress).
+    ``make_operator(theta)`` builds the Hessian at a checkpoint (default: a
+    :class:`HessianOperator` over ``sample``; :class:`polca.parallel.ShardedHessian` sums
+    sample shards held by an executor).
 
     Returns:
         ``vectors [m, d]`` (orthonormal rows) and one provenance dict per vector: ``index``,
@@ -389,8 +393,8 @@ def hessian_basis(
         theta = theta() if callable(theta) else theta
         if found is None:
             found = torch.zeros(0, theta.numel(), dtype=torch.float64)
-        hessian = HessianOperator(loss, theta, sample, batch_size=options.batch_size,
-                                  dtype=options.dtype)
+        hessian = make_operator(theta) if make_operator is not None else HessianOperator(
+            loss, theta, sample, batch_size=options.batch_size, dtype=options.dtype)
         values, new, residuals = top_eigenpairs(hessian, wanted, found, tol=options.tol,
                                                 solver=options.solver, seed=options.seed + index)
         new = orthonormalise_against(found, new.double())

@@ -10,8 +10,10 @@ For one interval t → t+1 with Δθ_t = θ_{t+1} − θ_t and a basis ``vectors
 * Fisher g² (:func:`fisher`); LCA baselines (:func:`top_parameters`, :func:`lca_per_tensor`).
 
 The pure kernel :func:`interval_terms` computes all of them for one interval in memory
-(and :func:`lca_interval_terms` the LCA baselines); the decompose stage maps it over the
-intervals with an executor (:mod:`polca.parallel`) and writes the results.
+(and :func:`lca_interval_terms` the LCA baselines); :func:`block_terms` and
+:func:`lca_block_terms` do the same for consecutive intervals, computing the derivatives at a
+shared checkpoint once. The decompose stage maps them over blocks of intervals with an
+executor (:mod:`polca.parallel`) and writes the results.
 
 Diagnostics (residual, explained fraction, first- vs second-order agreement, paper-vs-exact
 RMSE) are accumulated interval by interval in :class:`DecompositionDiagnostics`, and
@@ -26,7 +28,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -34,6 +36,7 @@ import torch
 from polca.bases import Basis
 from polca.directional import directional_derivatives, mean_loss_gradient
 from polca.functional import ProbeBatch, TokenLoss
+from polca.precision import arithmetic, model_dtype
 
 
 def interval_deltas(theta_start: torch.Tensor, theta_end: torch.Tensor,
@@ -150,8 +153,8 @@ class TermOptions:
         denominator_tol: κ̃ is 0 where |ḡ(t+1) − ḡ(t)| ≤ this.
         engine, batch_size: how directional derivatives are computed
             (:func:`polca.directional.directional_derivatives`); results do not depend on them.
-        dtype: the model's arithmetic (``"float64"`` or ``"float32"``); δ and the terms are
-            float64 either way.
+        dtype: the model's arithmetic (:mod:`polca.precision`: ``"float64"``, ``"float32"``,
+            ``"tf32"``, ``"bfloat16"``); δ and the terms are float64 either way.
     """
 
     curvature: tuple[str, ...] = ("exact", "paper")
@@ -207,13 +210,73 @@ def eigenvalues(basis: Basis) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.float64)
 
 
+def _checkpoint_derivatives(loss: TokenLoss, theta: torch.Tensor, tangents: torch.Tensor,
+                            probe: ProbeBatch, order: int, options: TermOptions):
+    """``(grad, curvature)`` ``[m, tokens]`` float64 along ``tangents`` at ``theta`` (float64
+    ``[d]``, cast to the model's arithmetic); curvature None for ``order`` 1."""
+    grad, curvature = directional_derivatives(
+        loss, theta.to(model_dtype(options.dtype)), tangents, probe, order=order,
+        engine=options.engine, batch_size=options.batch_size)
+    return grad.to(torch.float64), None if curvature is None else curvature.to(torch.float64)
+
+
+def block_terms(loss: TokenLoss, thetas: Iterable[torch.Tensor], basis: Basis, probe: ProbeBatch,
+                options: TermOptions = TermOptions()) -> Iterator[IntervalTerms]:
+    """:class:`IntervalTerms` of the consecutive intervals θ₀ → θ₁ → … → θ_B, one at a time.
+
+    ``thetas`` yields the checkpoints ``[d]`` in order (a generator that loads them streams the
+    block: at most two checkpoints are held). The derivatives at a checkpoint shared by two
+    intervals (the end of one, the start of the next) are computed once, and every checkpoint
+    gets the same derivatives whichever block it falls in (order 2 everywhere when the exact
+    curvature is asked for), so the results do not depend on how intervals are grouped into
+    blocks: B intervals cost B + 1 checkpoint passes (plus the Simpson nodes inside each).
+    """
+    order = 2 if "exact" in options.curvature else 1
+    with arithmetic(options.dtype):
+        previous = None
+        for theta in thetas:
+            theta = theta.to(torch.float64)
+            if previous is None:
+                vectors64 = basis.vectors.to(device=theta.device, dtype=torch.float64)
+                tangents = vectors64.to(model_dtype(options.dtype))  # the model's arithmetic
+            here = _checkpoint_derivatives(loss, theta, tangents, probe, order, options)
+            if previous is not None:
+                yield _assemble(loss, previous, (theta, *here), vectors64, tangents, basis,
+                                probe, options)
+            previous = (theta, *here)
+
+
+def _assemble(loss, start, end, vectors64, tangents, basis, probe, options) -> IntervalTerms:
+    """One interval's terms from the derivatives at its two ends ``(theta, grad, curvature)``."""
+    (theta, grad, curvature), (theta_next, grad_next, _) = start, end
+    delta = interval_deltas(theta, theta_next, vectors64)
+    terms = IntervalTerms(delta=delta, grad=grad, grad_next=grad_next,
+                          first=first_order(grad, delta))
+    if "exact" in options.curvature:
+        terms.second_exact = second_order(curvature, delta)
+    if "paper" in options.curvature:
+        kappa, terms.paper_small = paper_curvature(grad, grad_next, eigenvalues(basis).to(grad),
+                                                   options.denominator_tol)
+        terms.second_paper = second_order(kappa, delta)
+    if options.fisher:
+        terms.fisher = fisher(grad)
+    if options.integrated:
+        nodes, _ = simpson_nodes(options.simpson_points)
+        step = theta_next - theta
+        inner = [_checkpoint_derivatives(loss, theta + float(s) * step, tangents, probe, 1,
+                                         options)[0] for s in nodes[1:-1]]
+        terms.integrated = integrated(torch.stack([grad, *inner, grad_next]), delta)
+    return terms
+
+
 def interval_terms(loss: TokenLoss, theta_t: torch.Tensor, theta_t1: torch.Tensor, basis: Basis,
                    probe: ProbeBatch, options: TermOptions = TermOptions()) -> IntervalTerms:
-    """POLCA and its baselines for one interval, in memory: a pure function of its arguments.
+    """POLCA and its baselines for one interval, in memory: a pure function of its arguments
+    (:func:`block_terms` of the two checkpoints; a block of consecutive intervals shares the
+    derivatives at its inner checkpoints and gives the same values).
 
     ``theta_t, theta_t1 [d]`` are the checkpoints (float64 for the projections), ``basis`` the
-    vectors ``[m, d]`` with their eigenvalues, ``probe`` the scored tokens. The gradients at
-    both ends are computed here, so intervals are independent of each other.
+    vectors ``[m, d]`` with their eigenvalues, ``probe`` the scored tokens.
 
     Example (one token, ℓ(θ) = ½‖θ‖², along b = e₁: g = θ₁, κ = 1):
         >>> from polca.functional import ParameterSpace
@@ -231,37 +294,39 @@ def interval_terms(loss: TokenLoss, theta_t: torch.Tensor, theta_t1: torch.Tenso
         >>> terms.integrated.item()                        # ΔL = ½·9 − ½·1, exact for a quadratic
         4.0
     """
-    dtype = getattr(torch, options.dtype)
-    theta = theta_t.to(torch.float64)
-    theta_next = theta_t1.to(torch.float64)
-    vectors64 = basis.vectors.to(device=theta.device, dtype=torch.float64)
-    vectors = vectors64.to(dtype)  # tangents in the model's arithmetic
+    return next(block_terms(loss, (theta_t, theta_t1), basis, probe, options))
 
-    def derivatives(point: torch.Tensor, order: int):
-        grad, curvature = directional_derivatives(
-            loss, point.to(dtype), vectors, probe, order=order, engine=options.engine,
-            batch_size=options.batch_size)
-        return grad.to(torch.float64), None if curvature is None else curvature.to(torch.float64)
 
-    delta = interval_deltas(theta, theta_next, vectors64)
-    grad, curvature = derivatives(theta, 2 if "exact" in options.curvature else 1)
-    grad_next, _ = derivatives(theta_next, 1)
-    terms = IntervalTerms(delta=delta, grad=grad, grad_next=grad_next,
-                          first=first_order(grad, delta))
-    if "exact" in options.curvature:
-        terms.second_exact = second_order(curvature, delta)
-    if "paper" in options.curvature:
-        kappa, terms.paper_small = paper_curvature(grad, grad_next, eigenvalues(basis).to(grad),
-                                                   options.denominator_tol)
-        terms.second_paper = second_order(kappa, delta)
-    if options.fisher:
-        terms.fisher = fisher(grad)
-    if options.integrated:
-        nodes, _ = simpson_nodes(options.simpson_points)
-        step = theta_next - theta
-        inner = [derivatives(theta + float(s) * step, 1)[0] for s in nodes[1:-1]]
-        terms.integrated = integrated(torch.stack([grad, *inner, grad_next]), delta)
-    return terms
+def lca_block_terms(loss: TokenLoss, thetas: Iterable[torch.Tensor], top: torch.Tensor,
+                    probe: ProbeBatch, options: TermOptions = TermOptions()
+                    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """:func:`lca_interval_terms` of consecutive intervals, one at a time; the aggregate
+    gradient at a checkpoint shared by two intervals is computed once (the Simpson end nodes
+    are the checkpoints themselves)."""
+    dtype = model_dtype(options.dtype)
+
+    def aggregate(point: torch.Tensor) -> torch.Tensor:
+        return mean_loss_gradient(loss, point.to(dtype), probe,
+                                  options.batch_size).to(torch.float64)
+
+    nodes, _ = simpson_nodes(options.simpson_points)
+    with arithmetic(options.dtype):
+        previous = None
+        for theta in thetas:
+            theta = theta.to(torch.float64)
+            here = (theta, aggregate(theta))
+            if previous is not None:
+                (start, start_grad), (end, end_grad) = previous, here
+                step = end - start
+                tangents = top.to(start.device)
+                grad, _ = directional_derivatives(loss, start.to(dtype), tangents, probe,
+                                                  order=1, engine=options.engine,
+                                                  batch_size=options.batch_size)
+                allocation = first_order(grad.to(torch.float64), step[tangents])
+                path = torch.stack([start_grad, *(aggregate(start + float(s) * step)
+                                                  for s in nodes[1:-1]), end_grad])
+                yield allocation, lca_per_tensor(path, step, loss.space.slices)
+            previous = here
 
 
 def lca_interval_terms(loss: TokenLoss, theta_t: torch.Tensor, theta_t1: torch.Tensor,
@@ -284,18 +349,7 @@ def lca_interval_terms(loss: TokenLoss, theta_t: torch.Tensor, theta_t1: torch.T
     >>> first.tolist(), tensors.round(decimals=12).tolist()   # g·Δθ₀ = 1·2; ½(θ₁² − θ₀²) each
     ([[2.0]], [4.0, 1.5])
     """
-    dtype = getattr(torch, options.dtype)
-    theta = theta_t.to(torch.float64)
-    step = theta_t1.to(torch.float64) - theta
-    top = top.to(theta.device)
-    grad, _ = directional_derivatives(loss, theta.to(dtype), top, probe, order=1,
-                                      engine=options.engine, batch_size=options.batch_size)
-    allocation = first_order(grad.to(torch.float64), step[top])
-    nodes, _ = simpson_nodes(options.simpson_points)
-    path = torch.stack([
-        mean_loss_gradient(loss, (theta + float(s) * step).to(dtype), probe,
-                           options.batch_size).to(torch.float64) for s in nodes])
-    return allocation, lca_per_tensor(path, step, loss.space.slices)
+    return next(lca_block_terms(loss, (theta_t, theta_t1), top, probe, options))
 
 
 def residual(delta_loss: torch.Tensor, terms: torch.Tensor) -> torch.Tensor:

@@ -123,7 +123,8 @@ def _resume(model, optimizer, scheduler, store: CheckpointStore, schedule: list[
             f"{store.folder} has checkpoints up to step {last} but not {resume_path.name}, "
             "so training cannot resume exactly. Delete the checkpoints folder to retrain."
         )
-    state = torch.load(resume_path, weights_only=True)
+    # saved from any device; load_state_dict moves the state to the parameters' device
+    state = torch.load(resume_path, weights_only=True, map_location="cpu")
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     return last

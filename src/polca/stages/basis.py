@@ -15,7 +15,9 @@ from tqdm.auto import tqdm
 
 from polca import bases
 from polca.bases import Basis, BasisError
-from polca.curvature import DTYPES, Algorithm1Options, BasisCheckpoint, HessianOperator
+from polca.curvature import Algorithm1Options, BasisCheckpoint
+from polca.parallel import ShardedHessian
+from polca.precision import model_dtype
 from polca.stages.common import RunContext
 from polca.store import StoreError, read_vectors
 
@@ -41,18 +43,28 @@ def basis_checkpoint_positions(steps: list[int], every: int) -> list[int]:
     return positions or [len(steps) - 1]
 
 
-def algorithm_one_options(cfg, batch_size: int, n_vectors: int) -> Algorithm1Options:
-    """Algorithm 1's options from the ``basis`` config section."""
+def algorithm_one_options(cfg, batch_size: int, n_vectors: int,
+                          arithmetic: str | None = None) -> Algorithm1Options:
+    """Algorithm 1's options from the ``basis`` config section (the model's ``arithmetic``,
+    default ``basis.dtype``)."""
     return Algorithm1Options(per_checkpoint=cfg.per_checkpoint, max_vectors=n_vectors,
                              tol=cfg.tol, solver=cfg.solver, batch_size=batch_size,
-                             dtype=cfg.dtype, seed=cfg.seed)
+                             dtype=arithmetic or cfg.dtype, seed=cfg.seed)
 
 
 def run_basis(ctx: RunContext, progress: bool = True) -> dict[str, Basis]:
-    """Build (or resume, or keep) every configured basis; returns them by name."""
+    """Build (or resume, or keep) every configured basis; returns them by name.
+
+    The Hessian-vector products of a basis checkpoint are the token-weighted sum over
+    ``executor.hvp_shards`` shards of the basis sample, each held by the run's executor
+    (:class:`polca.parallel.ShardedHessian`; one Ray actor per shard with ``--executor ray``)
+    and added in shard order, so the basis is the same whichever executor holds them."""
     cfg = ctx.cfg.basis
-    dtype = DTYPES[cfg.dtype]
+    arithmetic = ctx.arithmetic(cfg.dtype)
+    dtype = model_dtype(arithmetic)
     loss = ctx.loss_in(dtype)
+    reader = ctx.reader(dtype)
+    shards = ctx.cfg.executor.hvp_shards
     steps = ctx.checkpoints.steps
     positions = basis_checkpoint_positions(steps, cfg.every)
     n_vectors = len(positions) * cfg.per_checkpoint
@@ -62,24 +74,26 @@ def run_basis(ctx: RunContext, progress: bool = True) -> dict[str, Basis]:
     # a probe-file task without training sequences fits the basis to its probe: say so
     sample_source = getattr(getattr(ctx, "task", None), "sample_source", "training data")
     batch_size = ctx.cfg.trajectories.batch_size
-    options = algorithm_one_options(cfg, batch_size, n_vectors)
+    options = algorithm_one_options(cfg, batch_size, n_vectors, arithmetic)
     run = ctx.run
     built: dict[str, Basis] = {}
 
-    def theta_at(step: int):
-        return lambda: ctx.theta(step).to(dtype)
+    def theta_at(index: int):
+        return lambda: reader(index).to(dtype)
 
-    def last_hessian() -> HessianOperator:
-        return HessianOperator(loss, theta_at(steps[-1])(), sample, batch_size=batch_size,
-                               dtype=dtype)
+    def hessian_at(theta) -> ShardedHessian:
+        return ShardedHessian(ctx.executor, loss, theta, sample, shards=shards,
+                              batch_size=batch_size, arithmetic=arithmetic)
 
     for kind in cfg.kinds:
-        params = {**_params(cfg, kind, [steps[i] for i in positions], n_vectors),
+        params = {**_params(cfg, kind, [steps[i] for i in positions], n_vectors, arithmetic),
                   "sample_source": sample_source}
         user = _user_vectors(cfg, loss.space.dim) if kind == "user" else None
         inputs = ctx.inputs(
             "source", "checkpoints", params=params, sample=ctx.sample_sha256(sample),
-            user=None if user is None else run.files_sha256([cfg.user_path]))
+            user=None if user is None else run.files_sha256([cfg.user_path]),
+            # shards change the summation order of the products (rounding): an input
+            **({"hvp_shards": shards} if shards > 1 else {}))
 
         def discard(kind=kind):
             run.discard_basis(kind)
@@ -91,18 +105,19 @@ def run_basis(ctx: RunContext, progress: bool = True) -> dict[str, Basis]:
             built[kind] = run.load_basis(kind, dim=loss.space.dim)
             continue
         if kind in ("hessian", "shuffled-hessian"):
-            checkpoints = [BasisCheckpoint(i, steps[i], theta_at(steps[i])) for i in positions]
+            checkpoints = [BasisCheckpoint(i, steps[i], theta_at(i)) for i in positions]
             basis = _algorithm_one(run, kind, loss, checkpoints, sample, options, params,
-                                   progress)
+                                   progress, hessian_at)
         elif kind == "random":
             basis = bases.random_basis(loss.space.dim, n_vectors, seed=cfg.seed)
         elif kind == "trajectory-pca":
-            thetas = torch.stack([theta.to(torch.float64) for _, theta in ctx.thetas()])
+            thetas = torch.stack([reader(i) for i in range(len(steps))])
             basis = bases.trajectory_pca(thetas, n_vectors)
         else:
             basis = bases.user_basis(user, loss.space.dim, source=cfg.user_path)
         if kind in ("random", "trajectory-pca", "user"):
-            basis = bases.with_rayleigh_eigenvalues(basis, last_hessian(), step=steps[-1])
+            basis = bases.with_rayleigh_eigenvalues(
+                basis, hessian_at(theta_at(len(steps) - 1)()), step=steps[-1])
         basis.params = {**basis.params, **params}
         run.save_basis(basis)
         run.discard_basis(kind, partial=True)
@@ -110,9 +125,9 @@ def run_basis(ctx: RunContext, progress: bool = True) -> dict[str, Basis]:
     return built
 
 
-def _params(cfg, kind: str, basis_steps: list[int], n_vectors: int) -> dict:
+def _params(cfg, kind: str, basis_steps: list[int], n_vectors: int, arithmetic: str) -> dict:
     """The settings a basis of ``kind`` depends on (recorded in its json)."""
-    common = {"sample_size": cfg.sample_size, "dtype": cfg.dtype}
+    common = {"sample_size": cfg.sample_size, "dtype": arithmetic}
     if kind == "user":
         return {**common, "user_path": cfg.user_path}
     if kind == "random":
@@ -131,7 +146,8 @@ def _user_vectors(cfg, dim: int) -> torch.Tensor:
     return read_vectors(cfg.user_path)
 
 
-def _algorithm_one(run, kind, loss, checkpoints, sample, options, params, progress) -> Basis:
+def _algorithm_one(run, kind, loss, checkpoints, sample, options, params, progress,
+                   make_operator) -> Basis:
     partial = _load_partial(run, kind, loss.space.dim, params)
     n_done = len({e["checkpoint"] for e in partial.provenance}) if partial else 0
     n_used = min(len(checkpoints), -(-options.max_vectors // options.per_checkpoint))
@@ -145,7 +161,7 @@ def _algorithm_one(run, kind, loss, checkpoints, sample, options, params, progre
     try:
         return bases.hessian(loss, checkpoints, sample, options,
                              shuffled=kind == "shuffled-hessian", partial=partial,
-                             on_checkpoint=save, params=params)
+                             on_checkpoint=save, params=params, make_operator=make_operator)
     finally:
         bar.close()
 

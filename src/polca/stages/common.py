@@ -17,17 +17,52 @@ import pandas as pd
 import torch
 from torch import nn
 
-from polca.config import TRAINING_SECTIONS, ConfigError, RunConfig, dump_config, load_config
+from polca.config import (
+    RUNTIME_KEYS,
+    TRAINING_SECTIONS,
+    ConfigError,
+    RunConfig,
+    dump_config,
+    load_config,
+)
 from polca.functional import ProbeBatch, TokenLoss
 from polca.parallel import Executor, make_executor
+from polca.precision import model_dtype, resolve_device
 from polca.sources import open_source
 from polca.store import RunDir, StoreError, batch_sha256, probe_sha256, sha256_json
 from polca.tasks import Task
 
 
+@dataclass(frozen=True)
+class CheckpointReader:
+    """``reader(i)``: the float64 ``[d]`` parameters of checkpoint ``i`` of ``steps`` on
+    ``device``, checked finite. Picklable, so a block task on another worker loads its own
+    checkpoints (from the same paths) instead of receiving them from the driver."""
+
+    series: object
+    space: object
+    steps: tuple[int, ...]
+    device: torch.device
+
+    def __call__(self, index: int) -> torch.Tensor:
+        state = self.series.load(self.steps[index])
+        theta = self.space.flatten(state).to(device=self.device, dtype=torch.float64)
+        bad = int((~torch.isfinite(theta)).sum())
+        if bad:
+            raise StoreError(f"checkpoint at step {self.steps[index]} has {bad} non-finite "
+                             "parameters (NaN or inf): the run diverged; drop that checkpoint "
+                             "or retrain with a lower learning rate")
+        return theta
+
+    def stream(self, first: int, last: int) -> Iterator[torch.Tensor]:
+        """Checkpoints ``first..last`` (inclusive), each loaded when it is asked for."""
+        return (self(i) for i in range(first, last + 1))
+
+
 @dataclass
 class RunContext:
-    """A run opened for analysis. Tensors for derivatives are float64 unless ``dtype`` says."""
+    """A run opened for analysis. Tensors for derivatives are float64 unless ``dtype`` says
+    (the trajectories stage's arithmetic: ``compute.dtype``, else float64)."""
 
     run: RunDir
     cfg: RunConfig
@@ -39,7 +74,23 @@ class RunContext:
 
     @cached_property
     def executor(self) -> Executor:
-        return make_executor(self.cfg.executor.kind)
+        options = self.cfg.executor
+        if options.kind == "in-process":
+            return make_executor("in-process")
+        return make_executor(options.kind, address=options.address,
+                             gpus_per_task=1.0 if self.device.type == "cuda" else 0.0)
+
+    def arithmetic(self, stage_default: str | None = None) -> str:
+        """The model's arithmetic for a stage (:mod:`polca.precision`): ``compute.dtype`` when
+        the config sets one, else the stage's own setting, else the context's ``dtype``."""
+        return (self.cfg.compute.dtype or stage_default
+                or str(self.dtype).removeprefix("torch."))
+
+    def reader(self, dtype: torch.dtype | None = None) -> CheckpointReader:
+        """A picklable :class:`CheckpointReader` of this run's checkpoints (flattened like the
+        seam in ``dtype``, default the context's)."""
+        return CheckpointReader(self.checkpoints, self.loss_in(dtype or self.dtype).space,
+                                tuple(self.checkpoints.steps), self.device)
 
     @cached_property
     def model(self) -> nn.Module:
@@ -102,9 +153,14 @@ class RunContext:
     @cached_property
     def checkpoints_sha256(self) -> str:
         """Content hash of the checkpoint series: the manifest's hashes of polca's own
-        checkpoints, else the files' contents (hashed once, see :meth:`RunDir.files_sha256`)."""
+        checkpoints, the series' own weight fingerprints where it has them (a Hugging Face
+        series: free in a hub cache), else the files' contents (hashed once, see
+        :meth:`RunDir.files_sha256`)."""
         if self.source.series is None:
             return sha256_json([[e["step"], e["sha256"]] for e in self.checkpoints.entries])
+        fingerprints = getattr(self.source.series, "fingerprints", None)
+        if fingerprints is not None:
+            return sha256_json([self.checkpoints.steps, list(fingerprints)])
         return sha256_json([self.checkpoints.steps,
                             self.run.files_sha256(self.source.checkpoint_files())])
 
@@ -115,7 +171,7 @@ class RunContext:
             "source": lambda: self.source.identity(),
             "checkpoints": lambda: self.checkpoints_sha256,
             "probe": self.run.probe_sha256,
-            "dtype": lambda: str(self.dtype).removeprefix("torch."),
+            "dtype": self.arithmetic,
         }
         return {**{name: known[name]() for name in names}, **values}
 
@@ -123,7 +179,7 @@ class RunContext:
         return batch_sha256(sample)
 
 
-def open_run(root, cfg: RunConfig | None = None, dtype=torch.float64, device=None,
+def open_run(root, cfg: RunConfig | None = None, dtype=None, device=None,
              task: Task | None = None, source=None) -> RunContext:
     """Open ``root``: with ``cfg`` the run is created if it is new (config written last).
 
@@ -137,7 +193,8 @@ def open_run(root, cfg: RunConfig | None = None, dtype=torch.float64, device=Non
 
     ``task`` and ``source`` replace those the config describes (``polca.Run.from_module``
     passes ones holding Python objects). Analysis runs on ``device`` (default: the config's
-    training device).
+    ``compute.device``, else its training device) and the trajectories stage in ``dtype``
+    (default: ``compute.dtype``, else float64).
     """
     run = RunDir(root)
     stored = load_config(run.config_path) if run.exists() else None
@@ -147,7 +204,11 @@ def open_run(root, cfg: RunConfig | None = None, dtype=torch.float64, device=Non
                               "config to create it")
         cfg = stored
     source, task = open_source(cfg, run.root, source=source, task=task)
-    device = torch.device(device or cfg.train.device)
+    try:
+        device = resolve_device(device or cfg.compute.device or cfg.train.device)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    dtype = dtype or model_dtype(cfg.compute.dtype or "float64")
     ctx = RunContext(run, cfg, task, source, dtype=dtype, device=device)
     outside = not cfg.trains
     if stored is None and outside:
@@ -181,10 +242,13 @@ def _accept_changed_config(run: RunDir, stored: RunConfig, cfg: RunConfig) -> No
             changed += [f"{section}.{key}" for key in value if before.get(key) != value[key]]
         elif old.get(section) != value:
             changed.append(section)
-    fixed = [c for c in changed if c.split(".")[0] in TRAINING_SECTIONS]
+    fixed = [c for c in changed if c.split(".")[0] in TRAINING_SECTIONS
+             and c not in RUNTIME_KEYS]
     if cfg.trains and fixed:
         raise StoreError(
             f"{run.config_path} holds a different config than the one given ({', '.join(fixed)}); "
             "a trained run keeps its training settings. Use a new run name, or delete the run "
             "directory to start over.")
-    run.say(f"config: {', '.join(changed)} changed; the stages that depend on it recompute")
+    changed = [c for c in changed if c not in RUNTIME_KEYS]
+    if changed:
+        run.say(f"config: {', '.join(changed)} changed; the stages that depend on it recompute")

@@ -22,4 +22,6 @@ def run_train(ctx: RunContext, progress: bool = True) -> None:
     if store.steps == schedule:
         return
     ctx.model.float()  # training runs in float32; analysis stages use ctx.dtype
-    train(ctx.model, ctx.task, cfg.train, schedule, store, progress=progress)
+    # on the run's device (compute.device, else train.device)
+    settings = cfg.train.model_copy(update={"device": str(ctx.device)})
+    train(ctx.model, ctx.task, settings, schedule, store, progress=progress)

@@ -1,11 +1,12 @@
 """Stage `trajectories`: exact token losses ``loss[token, checkpoint]`` (and correctness).
 
-One block per checkpoint, computed by :func:`checkpoint_losses` (a pure function) through the
-run's executor and written as it arrives.
+One block per checkpoint, computed by :func:`checkpoint_losses` (a pure function that loads
+its own checkpoint) through the run's executor and written as it arrives.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 
@@ -14,27 +15,32 @@ import torch
 from tqdm.auto import tqdm
 
 from polca.functional import ProbeBatch, TokenLoss
+from polca.precision import arithmetic, model_dtype
 from polca.store import CORRECT, LOSS, StoreError
 
 
 @dataclass(frozen=True)
 class CheckpointBlock:
-    """One checkpoint's work: its position in the run, its step and ``theta [d]``."""
+    """One checkpoint's work: its position in the run and its step."""
 
     index: int
     step: int
-    theta: torch.Tensor
 
 
 @torch.no_grad()
-def checkpoint_losses(loss: TokenLoss, probe: ProbeBatch, batch_size: int,
+def checkpoint_losses(reader: Callable[[int], torch.Tensor], loss: TokenLoss, probe: ProbeBatch,
+                      batch_size: int, arithmetic_name: str,
                       block: CheckpointBlock) -> tuple[np.ndarray, np.ndarray]:
-    """``[tokens]`` loss and whether the argmax prediction is the target, at one checkpoint."""
+    """``[tokens]`` loss (float64) and whether the argmax prediction is the target, at one
+    checkpoint (``reader(index)``: its float64 ``[d]`` parameters), the model in
+    ``arithmetic_name`` (:mod:`polca.precision`)."""
+    theta = reader(block.index).to(model_dtype(arithmetic_name))
     losses, correct = [], []
-    for chunk in probe.split(batch_size):
-        values, predicted = loss.losses_and_predictions(block.theta, chunk)
-        losses.append(values)
-        correct.append(predicted == chunk.targets[chunk.scored])
+    with arithmetic(arithmetic_name):
+        for chunk in probe.split(batch_size):
+            values, predicted = loss.losses_and_predictions(theta, chunk)
+            losses.append(values)
+            correct.append(predicted == chunk.targets[chunk.scored])
     return (torch.cat(losses).to(torch.float64).cpu().numpy(),
             torch.cat(correct).cpu().numpy())
 
@@ -52,8 +58,9 @@ def run_trajectories(ctx, progress: bool = True) -> None:
                        dtype=dtype, attrs={"steps": steps})
     todo = [i for i in range(len(steps))
             if not (arrays.is_done(LOSS, i) and arrays.is_done(CORRECT, i))]
-    blocks = (CheckpointBlock(i, steps[i], ctx.theta(steps[i])) for i in todo)
-    compute = partial(checkpoint_losses, ctx.loss, ctx.probe, ctx.cfg.trajectories.batch_size)
+    blocks = [CheckpointBlock(i, steps[i]) for i in todo]
+    compute = partial(checkpoint_losses, ctx.reader(), ctx.loss, ctx.probe,
+                      ctx.cfg.trajectories.batch_size, ctx.arithmetic())
     bar = tqdm(total=len(todo), desc="token losses", disable=not progress, unit="ckpt")
     for block, (loss, correct) in ctx.executor.map(compute, blocks):
         if not np.isfinite(loss).all():
