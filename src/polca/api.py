@@ -157,7 +157,9 @@ class Run:
         :func:`polca.models.hf.hf_series` for ``source``), analysed into ``runs/<name>``.
 
         ``probe_options``: ``context_length``, ``max_tokens``, ``tokens_per_sequence``,
-        ``basis_sample`` (training sequences for the Hessian; default: the probe set).
+        ``basis_sample`` (training sequences for the Hessian; default: the probe set),
+        ``truncate`` (cut probe examples longer than the context, counted, instead of an
+        error).
         ``include``: parameter globs forming θ. ``config``: other config sections, e.g.
         ``{"basis": {"kinds": ["hessian", "random"]}, "decompose": {"batch_size": 16}}``.
         """
@@ -209,7 +211,8 @@ class Run:
     @classmethod
     def _outside(cls, source: dict, probe, tokenizer, probe_options: dict, name: str, runs,
                  config: dict | None, device, made) -> Run:
-        known = {"context_length", "max_tokens", "tokens_per_sequence", "basis_sample"}
+        known = {"context_length", "max_tokens", "tokens_per_sequence", "basis_sample",
+                 "truncate"}
         unknown = set(probe_options) - known
         if unknown:
             raise TypeError(f"unknown options {sorted(unknown)}; known: {sorted(known)}")

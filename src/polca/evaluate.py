@@ -138,6 +138,31 @@ def binary_label(values, positive=None) -> np.ndarray:
     return np.where(values.isna(), np.nan, (values == positive).to_numpy(dtype=float))
 
 
+def default_positive(values):
+    """The positive value of a two-valued label when none is named: True / 1 for booleans and
+    0/1 labels, else the rarer value (ties: the first in sorted order). A rule fixed before
+    any clustering is scored: the rarer value is usually the skill (a carry, a copied token).
+
+    >>> default_positive(np.array(["copy", "copy", "sep"], dtype=object))
+    'sep'
+    >>> default_positive(np.array([0, 1, 1]))
+    1
+    """
+    known = pd.Series(np.asarray(values, dtype=object)).dropna()
+    distinct = sorted(set(known.tolist()), key=str)
+    if len(distinct) != 2:
+        raise ValueError(f"label with values {distinct[:5]} is not binary (two values)")
+    if set(distinct) <= {0, 1}:
+        return 1 if not all(isinstance(v, (bool, np.bool_)) for v in distinct) else True
+    counts = known.value_counts()
+    return min(distinct, key=lambda v: (counts[v], distinct.index(v)))
+
+
+def is_binary(values) -> bool:
+    """Whether a label column has exactly two distinct values (missing ones aside)."""
+    return pd.Series(np.asarray(values, dtype=object)).dropna().nunique() == 2
+
+
 def label_clusters(labels: np.ndarray, positive: np.ndarray, group: np.ndarray | None = None,
                    skill_groups=None, concentration: float = CONCENTRATION) -> pd.DataFrame:
     """The paper's statistics of a binary label per cluster (labels ≥ 0), see the module

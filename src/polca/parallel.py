@@ -61,6 +61,10 @@ class WorkerGroup(Protocol):
         """``[getattr(worker, method)(*args) for worker]`` in shard order."""
         ...
 
+    def close(self) -> None:
+        """Release the workers (and what they hold: CPUs, GPUs, memory)."""
+        ...
+
 
 @runtime_checkable
 class Executor(Protocol):
@@ -82,6 +86,9 @@ class _LocalGroup:
 
     def call(self, method: str, *args) -> list:
         return [getattr(worker, method)(*args) for worker in self.workers]
+
+    def close(self) -> None:
+        self.workers = []
 
 
 class InProcess:
@@ -191,6 +198,10 @@ class ShardedHessian:
 
     def matvec(self, vector: torch.Tensor) -> torch.Tensor:
         return self @ vector
+
+    def close(self) -> None:
+        """Release the shard workers (a Ray actor holds a CPU until then)."""
+        self.group.close()
 
 
 __all__ = ["EXECUTORS", "Executor", "InProcess", "ShardedHessian", "WorkerGroup",

@@ -9,12 +9,14 @@ local cluster started for this process, or the one this process already started 
   most ``2 × cluster CPUs`` tasks in flight and yields results as they finish. A task whose
   worker dies (killed, out of memory, its node lost) is run again by Ray (``max_retries``);
   since ``fn`` is pure, the retried block gives the same result.
-* :meth:`hold` starts one actor per shard; an actor that dies is restarted from its
-  construction arguments and its pending call retried (``max_restarts``,
+* :meth:`hold` starts one actor per shard, spread over the nodes; an actor that dies is
+  restarted from its construction arguments and its pending call retried (``max_restarts``,
   ``max_task_retries``).
 
-Every task and actor asks for one CPU (Ray then sets ``OMP_NUM_THREADS=1`` in it: one torch
-thread per worker) and, with ``gpus_per_task``, a share of a GPU. The driver writes every
+Every task asks for one CPU (Ray then sets ``OMP_NUM_THREADS=1`` in it: one torch thread per
+worker) and, with ``gpus_per_task``, that many GPUs. An actor reserves no CPU (it runs one
+torch thread): a group of more shards than the cluster has CPUs would otherwise wait forever
+for the CPUs its own members hold; with GPUs the shards of a group share one GPU's worth. The driver writes every
 result through the run-directory contract, so workers need read access to the checkpoints
 (the same paths on every node, e.g. a shared file system) but never write the run directory.
 
@@ -43,9 +45,12 @@ def _apply(fn: Callable, block):
 
 
 class _Holder:
-    """An actor holding one worker ``factory(shard)``."""
+    """An actor holding one worker ``factory(shard)`` (one torch thread)."""
 
     def __init__(self, factory: Callable, shard):
+        import torch
+
+        torch.set_num_threads(1)
         self.worker = factory(shard)
 
     def call(self, method: str, *args):
@@ -53,12 +58,18 @@ class _Holder:
 
 
 class _ActorGroup:
-    def __init__(self, actors: list):
-        self.actors = actors
+    def __init__(self, actors: list, factory_ref):
+        # the factory stays referenced while the actors live, so a restarted actor finds it
+        self.actors, self.factory_ref = actors, factory_ref
 
     def call(self, method: str, *args) -> list:
         shared = [ray.put(a) for a in args]  # one copy in the object store for all actors
         return ray.get([actor.call.remote(method, *shared) for actor in self.actors])
+
+    def close(self) -> None:
+        for actor in self.actors:
+            ray.kill(actor)
+        self.actors = []
 
 
 class RayExecutor:
@@ -87,9 +98,8 @@ class RayExecutor:
         self.gpus_per_task = gpus_per_task
         cpus = int(ray.cluster_resources().get("CPU", 1))
         self.in_flight = in_flight or 2 * max(cpus, 1)
-        resources = {"num_cpus": 1, "num_gpus": gpus_per_task}
-        self._task = ray.remote(**resources, max_retries=RETRIES)(_apply)
-        self._actor = ray.remote(**resources, max_restarts=RETRIES,
+        self._task = ray.remote(num_cpus=1, num_gpus=gpus_per_task, max_retries=RETRIES)(_apply)
+        self._actor = ray.remote(num_cpus=0, max_restarts=RETRIES,
                                  max_task_retries=RETRIES)(_Holder)
 
     def map(self, fn: Callable, blocks: Iterable) -> Iterator[tuple[Any, Any]]:
@@ -110,7 +120,9 @@ class RayExecutor:
 
     def hold(self, factory: Callable, shards: Sequence) -> _ActorGroup:
         shared = ray.put(factory)
-        return _ActorGroup([self._actor.remote(shared, shard) for shard in shards])
+        gpus = min(self.gpus_per_task, 1 / max(len(shards), 1))
+        actor = self._actor.options(num_gpus=gpus, scheduling_strategy="SPREAD")
+        return _ActorGroup([actor.remote(shared, shard) for shard in shards], shared)
 
 
 _END = object()

@@ -252,6 +252,11 @@ def exact_attention(module, query, key, value, attention_mask, scaling=None, dro
     return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights
 
 
+# registered on import too: a model unpickled in another process (a Ray worker) finds it
+AttentionInterface.register(EXACT_ATTENTION, exact_attention)
+AttentionMaskInterface.register(EXACT_ATTENTION, eager_mask)
+
+
 def use_exact_attention(model: nn.Module) -> None:
     """Switch a Hugging Face model to :func:`exact_attention` (registered with transformers as
     ``"polca_exact"``, with the eager additive mask), after checking that it gives the

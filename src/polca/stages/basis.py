@@ -81,9 +81,16 @@ def run_basis(ctx: RunContext, progress: bool = True) -> dict[str, Basis]:
     def theta_at(index: int):
         return lambda: reader(index).to(dtype)
 
+    held: list[ShardedHessian] = []
+
     def hessian_at(theta) -> ShardedHessian:
-        return ShardedHessian(ctx.executor, loss, theta, sample, shards=shards,
-                              batch_size=batch_size, arithmetic=arithmetic)
+        # one checkpoint's shard workers at a time: Algorithm 1 is done with the last ones
+        # when it asks for the next (on a Ray cluster they would otherwise keep their CPUs)
+        while held:
+            held.pop().close()
+        held.append(ShardedHessian(ctx.executor, loss, theta, sample, shards=shards,
+                                   batch_size=batch_size, arithmetic=arithmetic))
+        return held[0]
 
     for kind in cfg.kinds:
         params = {**_params(cfg, kind, [steps[i] for i in positions], n_vectors, arithmetic),
@@ -118,6 +125,8 @@ def run_basis(ctx: RunContext, progress: bool = True) -> dict[str, Basis]:
         if kind in ("random", "trajectory-pca", "user"):
             basis = bases.with_rayleigh_eigenvalues(
                 basis, hessian_at(theta_at(len(steps) - 1)()), step=steps[-1])
+        while held:
+            held.pop().close()
         basis.params = {**basis.params, **params}
         run.save_basis(basis)
         run.discard_basis(kind, partial=True)

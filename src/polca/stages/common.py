@@ -224,6 +224,11 @@ def open_run(root, cfg: RunConfig | None = None, dtype=None, device=None,
                     run.say(f"probe: the probe set of {run.root} changed; the stages that read "
                             "it recompute")
                 run.write_probe(sequences, tokens, labels=task.label_columns)
+                dropped = getattr(task, "truncated_tokens", 0)
+                if dropped:
+                    run.say(f"probe: {dropped} scored tokens lay beyond the model's context and "
+                            "were dropped (task.options.truncate); sequences.parquet counts "
+                            "them per example (truncated_tokens)")
         if stored is None and getattr(source.series, "metadata", None) is not None:
             run.write_source(source.series.metadata)
         if hasattr(task, "run_files"):

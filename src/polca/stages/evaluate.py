@@ -8,6 +8,11 @@ Writes through the contract (:meth:`polca.store.RunDir.write_evaluation`) the ta
   value and purity;
 * ``carry`` (token tables with ``carry`` and ``place``): the paper's table rows, ours beside
   the paper's (``paper_*``; see :mod:`polca.evaluate` for the metric);
+* ``label-<column>``: the same metric (homogeneity, recall, F1 of the top clusters,
+  :func:`polca.evaluate.label_table`) for every binary label named in ``evaluate.labels``
+  (with its positive value, grouping column and skill groups) and, with
+  ``evaluate.auto_binary``, every other two-valued label column (positive: True / 1, else
+  the rarer value; :func:`polca.evaluate.default_positive`);
 * ``hidden``: per clustering the fraction of clusters with a hidden breakthrough, with τ, Δ
   and the paper's fraction;
 
@@ -22,8 +27,11 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
+import re
+
 from polca import cluster as C
 from polca import evaluate as E
+from polca.config import BinaryLabelConfig, ConfigError
 from polca.label import POS_COLUMNS, cluster_labels, has_pos
 from polca.store import LOSS, TRAJECTORY_KINDS, StoreError
 
@@ -47,14 +55,19 @@ def run_evaluate(ctx, labels=None, progress: bool = True) -> dict[str, pd.DataFr
     top = ctx.cfg.cluster.top_clusters
     examples = ctx.cfg.report.examples_per_cluster
     addition = ctx.cfg.task.kind == "addition"
+    paper_carry = {"carry", "place"} <= set(tokens.columns)
+    binary = binary_labels(tokens, columns, ctx.cfg.evaluate, paper_carry)
     inputs = {"clusterings": {n: run.version(f"cluster/{n}") for n in names},
               "probe": run.probe_sha256(), "labels": columns, "top": top,
-              "examples": examples if has_pos(tokens) else None, "addition": addition}
+              "examples": examples if has_pos(tokens) else None, "addition": addition,
+              **({"binary": [b.model_dump(mode="json") for b in binary]} if binary else {})}
     if run.is_current("evaluate", inputs) and run.has_evaluation():
         return run.read_evaluation()
     run.refresh("evaluate", inputs, discard=run.discard_evaluation,
                 exists=run.has_evaluation() or bool(run.evaluation_names()))
     scores, clusters, carry, hidden = [], [], [], []
+    positives = {b.column: _positive(tokens, b) for b in binary}
+    by_label: dict[str, list[pd.DataFrame]] = {b.column: [] for b in binary}
     for name in tqdm(names, desc="evaluate", unit="clustering", disable=not progress):
         clustering = run.read_clustering(name)
         # the paper's numbers are for its addition task only: other tasks get no paper column
@@ -73,18 +86,73 @@ def run_evaluate(ctx, labels=None, progress: bool = True) -> dict[str, pd.DataFr
                            hidden_fraction=meta["hidden_fraction"], tau=params["tau"],
                            delta=params["delta"],
                            paper=_paper(params, "hidden_fraction")))
-        if {"carry", "place"} <= set(tokens.columns):
+        if paper_carry:
             table = E.carry_table(by_vector, tokens["carry"].to_numpy(),
                                   tokens["place"].to_numpy(), top=top, per_vector=per_vector)
             carry.append(_with_paper(table, head, params))
+        for b in binary:
+            group = None if b.group is None else tokens[b.group].to_numpy()
+            table = E.label_table(by_vector, positives[b.column], group,
+                                  skill_groups=b.skill_groups, top=top, per_vector=per_vector)
+            by_label[b.column].append(table.assign(
+                **head, label=b.column, positive=str(b.positive), group=b.group))
     tables = {
         "scores": pd.DataFrame(scores),
         "clusters": pd.concat(clusters, ignore_index=True) if clusters else pd.DataFrame(),
-        "carry": pd.concat(carry, ignore_index=True) if carry else pd.DataFrame(),
         "hidden": pd.DataFrame(hidden),
     }
+    if paper_carry:  # only tokens with the paper's carry and place labels get its table
+        tables["carry"] = pd.concat(carry, ignore_index=True) if carry else pd.DataFrame()
+    for b in binary:
+        tables[label_table_name(b.column)] = pd.concat(by_label[b.column], ignore_index=True)
     run.write_evaluation(tables, pos_cluster_table(run, examples) if has_pos(tokens) else None)
     return tables
+
+
+def label_table_name(column: str) -> str:
+    """The evaluation table of a binary label: ``label-<column>`` (characters other than
+    letters, digits, ``_``, ``-`` and ``.`` replaced by ``_``).
+
+    >>> label_table_name("is copy")
+    'label-is_copy'
+    """
+    return "label-" + re.sub(r"[^\w.-]", "_", column)
+
+
+def binary_labels(tokens: pd.DataFrame, columns: list[str], cfg,
+                  paper_carry: bool = False) -> list[BinaryLabelConfig]:
+    """The binary labels to score: those of ``evaluate.labels`` (checked against the probe
+    tokens) and, with ``evaluate.auto_binary``, every other two-valued column of ``columns``
+    with its :func:`~polca.evaluate.default_positive` (``carry`` is left to the paper's carry
+    table when ``paper_carry``)."""
+    named = []
+    for spec in cfg.labels:
+        missing = [c for c in (spec.column, spec.group) if c is not None and c not in tokens]
+        if missing:
+            raise ConfigError(f"evaluate.labels names columns {missing} that the probe tokens "
+                              f"lack (label columns: {columns}); fix the name or the probe file")
+        named.append(spec)
+    if cfg.auto_binary:
+        taken = {spec.column for spec in named} | ({"carry"} if paper_carry else set())
+        for column in columns:
+            if column not in taken and E.is_binary(tokens[column]):
+                named.append(BinaryLabelConfig(
+                    column=column, positive=_plain(E.default_positive(tokens[column]))))
+    return named
+
+
+def _plain(value):
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def _positive(tokens: pd.DataFrame, spec: BinaryLabelConfig) -> np.ndarray:
+    """``[tokens]`` 1 / 0 / NaN of a binary label; a label that is not binary, or has no
+    obvious positive value, is a :class:`ConfigError` naming the setting."""
+    try:
+        return E.binary_label(tokens[spec.column], positive=spec.positive)
+    except ValueError as err:
+        raise ConfigError(f"evaluate.labels: column {spec.column!r}: {err} (set positive = "
+                          "the value that marks the skill)") from None
 
 
 def pos_cluster_table(run, examples: int = 10) -> pd.DataFrame:
@@ -143,6 +211,14 @@ def format_tables(tables: dict[str, pd.DataFrame]) -> str:
             carry[["name", "rank", "vector", "cluster", "size", "homogeneity", "paper_homogeneity",
                    "recall", "paper_recall", "f1", "paper_f1"]],
             "Carry clusters (paper Appendix G metric; paper_* = the paper's addition values)"))
+    for name, table in tables.items():
+        if name.startswith("label-") and len(table):
+            label = table["label"].iloc[0]
+            parts.append(E.format_table(
+                table[["name", "rank", "vector", "cluster", "size", "homogeneity", "recall",
+                       "f1"]],
+                f"Clusters of label {label!r} = {table['positive'].iloc[0]} (paper's Appendix G "
+                "metric)"))
     hidden = tables.get("hidden")
     if hidden is not None and len(hidden):
         parts.append(E.format_table(

@@ -14,6 +14,7 @@ Config (paths relative to the current directory; ``polca analyze`` writes absolu
     probe = "probe.jsonl"              # .txt, .jsonl or .parquet (see polca.probes)
     tokenizer = "tokenizer.json"       # default: the source's (an HF checkpoint's tokenizer.json)
     context_length = 128               # default: the source model's, else the longest example
+    truncate = false                   # true: cut longer examples to the context, counted
     max_tokens = 5000                  # scored probe tokens (default: all)
     # tokens_per_sequence = 32         # scored tokens drawn per example (seeded)
     # basis_sample = "train.jsonl"     # training sequences for the Hessian (default: probe)
@@ -24,6 +25,12 @@ training data polca knows of: give it with ``basis_sample`` (any probe-file form
 are ignored). Without it the probe set itself is the sample (:attr:`ProbeFileTask.sample_source`
 says which, and the basis stage records it) — the basis is then fitted to the very tokens it
 decomposes, which is fine for exploring a run but not the paper's protocol.
+
+Longer than the context. A probe example longer than ``context_length`` is an error naming it,
+unless ``truncate = true``: then it keeps its first ``context_length`` tokens and
+:attr:`ProbeFileTask.truncated_tokens` counts the scored tokens dropped (also per example in
+the sequence table's ``truncated_tokens``). Basis-sample sequences are always cut to the
+context (they only feed the Hessian; nothing is reported per token).
 """
 
 from __future__ import annotations
@@ -39,7 +46,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from polca.config import ConfigError
 from polca.functional import ProbeBatch
-from polca.probes import ProbeFileError, probe_tables, read_examples
+from polca.probes import ProbeFileError, probe_tables, read_examples, truncated_token_count
 from polca.tasks.base import TOKEN_FIELDS
 
 
@@ -52,6 +59,7 @@ class ProbeFileOptions(BaseModel):
     tokenizer: str | None = None
     context_length: int | None = Field(None, gt=1)
     max_tokens: int | None = Field(None, gt=0)
+    truncate: bool = False
     tokens_per_sequence: int | None = Field(None, gt=0)
     basis_sample: str | None = None
 
@@ -77,6 +85,8 @@ class ProbeFileTask:
         probe: probe file (``.txt``/``.jsonl``/``.parquet``).
         tokenizer: a tokenizer object, or a ``tokenizer.json`` path (None: ids in the file).
         basis_sample: a file of training sequences for the Hessian (None: the probe set).
+        truncate: cut probe examples longer than ``context_length`` (counted in
+            :attr:`truncated_tokens`) instead of stopping with an error.
         vocab_size: the model's vocabulary (default: the tokenizer's, else the largest id + 1).
 
     Example:
@@ -90,18 +100,19 @@ class ProbeFileTask:
                  context_length: int | None = None, max_tokens: int | None = None,
                  tokens_per_sequence: int | None = None,
                  basis_sample: str | os.PathLike | None = None,
-                 vocab_size: int | None = None, seed: int = 0):
+                 vocab_size: int | None = None, seed: int = 0, truncate: bool = False):
         self.tokenizer, self.seed = load_tokenizer(tokenizer), seed
         self.sequences, self.tokens = probe_tables(
             read_examples(probe), self.tokenizer, context_length=context_length,
             max_tokens=max_tokens, tokens_per_sequence=tokens_per_sequence, seed=seed,
-            where=str(probe))
+            where=str(probe), truncate=truncate)
+        self.truncated_tokens = truncated_token_count(self.sequences)
         self.sample = None
         self.sample_source = "probe"
         if basis_sample is not None:
             self.sample = ProbeBatch.from_tables(*probe_tables(
                 read_examples(basis_sample), self.tokenizer, context_length=context_length,
-                where=str(basis_sample)))
+                where=str(basis_sample), truncate=True))
             self.sample_source = str(basis_sample)
         self.sequence_length = max(len(ids) for ids in self.sequences["input_ids"])
         largest = max(max(ids) for ids in self.sequences["input_ids"])
@@ -121,7 +132,7 @@ class ProbeFileTask:
                    context_length=o.context_length or hints.get("context_length"),
                    max_tokens=o.max_tokens, tokens_per_sequence=o.tokens_per_sequence,
                    basis_sample=o.basis_sample, vocab_size=hints.get("vocab_size"),
-                   seed=cfg.seed)
+                   seed=cfg.seed, truncate=o.truncate)
 
     # -- Task protocol -------------------------------------------------------------------------
     def probe_set(self) -> tuple[pd.DataFrame, pd.DataFrame]:
