@@ -11,6 +11,7 @@ import json
 import pickle
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -344,3 +345,82 @@ def test_analyze_needs_one_checkpoint_source(data, tmp_path):
     assert result.exit_code == 2 and "--factory" in output
     assert not any(tmp_path.iterdir())
 
+
+
+# -- bring-your-own inputs: long probes, bytes, binary labels -----------------------------------
+
+def labelled_examples(seed: int, n: int, extra: int = 0) -> list[dict]:
+    """Copy examples with a boolean per-token label ``copied`` (the copied half); ``extra``
+    more words make an example longer than the model's context of 12."""
+    out = []
+    for example in copy_examples(seed, n):
+        words = example["words"] + ["a"] * extra
+        role = example["role"] + ["copy"] * extra
+        out.append({"words": words, "role": role, "copied": [r == "copy" for r in role]})
+    return out
+
+
+def test_a_probe_longer_than_the_context_is_an_error_or_a_counted_truncation(data, tmp_path):
+    examples = labelled_examples(4, 6, extra=5)  # 14 words: 2 beyond n_positions = 12
+    probe = write_jsonl(tmp_path / "long.jsonl", examples)
+    args = ["analyze", "--hf", data["gpt2"] / "checkpoint-*", "--probe", probe, "--tokenizer",
+            data["tokenizer"], "--name", "long", "--runs", tmp_path / "runs", "--quiet"]
+    result, output = invoke(*args)
+    assert result.exit_code == 2, output
+    assert "error:" in output and "longer than the context of 12" in output
+    assert "Traceback" not in output and not (tmp_path / "runs").exists()
+
+    result, output = invoke(*args, "--truncate", "--basis", "random", "--label", "role=copy",
+                            "--set", "decompose.lca=false",
+                            "--set", "cluster.trajectories=['loss', 'polca']",
+                            "--set", "cluster.min_cluster_size=3")
+    assert result.exit_code == 0, output
+    # every word after the first is scored; those at positions 12 and 13 lie beyond the context
+    dropped = sum(len(e["words"][12:]) for e in examples)
+    assert f"({dropped} scored tokens beyond the context dropped)" in output
+
+    # the user's labels: role (named, positive "copy") and copied (a boolean, auto-detected)
+    root = tmp_path / "runs" / "long"
+    assert not (root / "evaluation" / "carry.csv").exists()
+    tokens = polca.Run(root).load().tokens_
+    for column, positive in (("role", "copy"), ("copied", True)):
+        table = pd.read_csv(root / "evaluation" / f"label-{column}.csv")
+        assert len(table) and set(table["label"]) == {column}
+        for name, rows in table.groupby("name"):
+            labels = pd.read_parquet(root / "clusters" / f"{name}.parquet")
+            best = rows.sort_values("rank").iloc[0]
+            members = labels[labels["label"] == best["cluster"]]
+            if not pd.isna(best["vector"]):
+                members = members[members["vector"] == best["vector"]]
+            in_cluster = tokens.set_index("token").loc[members["token"], column]
+            homogeneity = float((in_cluster == positive).mean())  # brute force
+            assert best["homogeneity"] == pytest.approx(homogeneity)
+            clustered = labels if pd.isna(best["vector"]) else labels[
+                labels["vector"] == best["vector"]]
+            clustered = clustered[clustered["label"] >= 0]
+            all_positive = (tokens.set_index("token").loc[clustered["token"], column]
+                            == positive).sum()
+            assert best["recall"] == pytest.approx((in_cluster == positive).sum() / all_positive)
+
+
+def test_a_probe_that_is_not_utf8_names_the_byte(data, tmp_path):
+    probe = tmp_path / "latin1.jsonl"
+    good = json.dumps(copy_examples(5, 1)[0]) + "\n"
+    probe.write_bytes(good.encode() + '{"text": "café"}\n'.encode("latin-1"))
+    result, output = invoke("analyze", "--hf", data["gpt2"] / "checkpoint-*", "--probe", probe,
+                            "--tokenizer", data["tokenizer"], "--runs", tmp_path / "runs")
+    offset = len(good.encode()) + len('{"text": "caf')
+    assert result.exit_code == 2, output
+    assert f"not UTF-8 text at byte offset {offset} (line 2" in output
+    assert "Traceback" not in output and not (tmp_path / "runs").exists()
+
+
+def test_a_binary_label_that_is_not_binary_is_named(data, tmp_path):
+    result, output = invoke("analyze", "--hf", data["gpt2"] / "checkpoint-*", "--probe",
+                            data["probe"], "--tokenizer", data["tokenizer"], "--label", "role",
+                            "--runs", tmp_path / "runs", "--quiet", "--basis", "random",
+                            "--set", "decompose.lca=false",
+                            "--set", "cluster.trajectories=['loss']")
+    assert result.exit_code == 2, output  # role has three values: first, sep, copy
+    assert "error: evaluate.labels: column 'role'" in output and "not binary" in output
+    assert not (tmp_path / "runs").exists()  # checked before anything is computed

@@ -187,7 +187,9 @@ def test_binary_label_values_and_errors():
     with pytest.raises(ValueError, match="no obvious positive value"):
         E.binary_label(["copy", "sep"])
     with pytest.raises(ValueError, match="not binary"):
-        E.binary_label(["a", "b", "c"], positive="a")
+        E.binary_label(["a", "b", "c"])
+    # a named positive value makes any label binary: that value against all the others
+    assert E.binary_label(["a", "b", "c"], positive="a").tolist() == [1.0, 0.0, 0.0]
     with pytest.raises(ValueError, match="'x' does not occur"):
         E.binary_label(["a", "b"], positive="x")
 

@@ -189,3 +189,42 @@ def test_sharded_hessian_equals_the_dense_hessian(cluster):
         products[kind] = hessian @ vectors
     torch.testing.assert_close(products["in-process"], dense @ vectors, rtol=1e-10, atol=1e-12)
     assert torch.equal(products["ray"], products["in-process"])
+
+
+def gpt2_series(folder) -> None:
+    """Three GPT-2 checkpoints (transformers' save_pretrained), weights moved at random."""
+    transformers = pytest.importorskip("transformers")
+    transformers.utils.logging.disable_progress_bar()
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        vocab_size=11, n_positions=12, n_embd=8, n_layer=1, n_head=2))
+    for step in (0, 10, 20):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+        model.save_pretrained(folder / f"checkpoint-{step}")
+
+
+def test_polca_analyze_with_ray_gives_the_in_process_arrays(cluster, tmp_path):
+    from typer.testing import CliRunner
+
+    from polca.cli import app
+
+    gpt2_series(tmp_path / "gpt2")
+    generator = torch.Generator().manual_seed(1)
+    probe = tmp_path / "probe.jsonl"
+    probe.write_text("".join(
+        '{"input_ids": %s}\n' % torch.randint(0, 11, (9,), generator=generator).tolist()
+        for _ in range(6)))
+    roots = {}
+    for kind in ("in-process", "ray"):
+        result = CliRunner().invoke(app, [
+            "analyze", "--hf", str(tmp_path / "gpt2" / "checkpoint-*"), "--probe", str(probe),
+            "--basis", "hessian,random", "--name", kind, "--runs", str(tmp_path / "runs"),
+            "--executor", kind, "--quiet", "--set", "executor.hvp_shards=2",
+            "--set", "executor.block_intervals=1", "--set", "cluster.trajectories=['loss']"])
+        assert result.exit_code == 0, result.output
+        roots[kind] = tmp_path / "runs" / kind
+    got, expected = stored(roots["ray"]), stored(roots["in-process"])
+    assert got.keys() == expected.keys() and "polca/hessian/second_exact" in got
+    assert [k for k in got if got[k] != expected[k]] == []

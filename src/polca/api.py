@@ -73,8 +73,11 @@ class Run:
         config: a config ``.toml`` file, a config dict, a :class:`~polca.config.RunConfig`
             (the run goes to ``runs/<name>``), or an existing run directory.
         runs: where runs named by a config are created.
-        device: where the analysis runs (default: the config's ``train.device``).
-        dtype: arithmetic of the analysis stages (float64 by default).
+        device: where the analysis runs (default: the config's ``compute.device``, else
+            ``train.device``).
+        dtype: arithmetic of the trajectories stage (default: ``compute.dtype``, else
+            float64; the basis and decompose stages follow ``compute.dtype`` or their own
+            ``dtype`` settings).
         progress: show progress bars.
 
     Results (None until the stage that makes them ran, or :meth:`load` found them):
@@ -102,7 +105,7 @@ class Run:
     """
 
     def __init__(self, config, *, runs: str | os.PathLike = "runs", device: str | None = None,
-                 dtype: torch.dtype = torch.float64, progress: bool = True):
+                 dtype: torch.dtype | None = None, progress: bool = True):
         self.config, self.runs, self.device, self.dtype = config, runs, device, dtype
         self.progress = progress
         self._objects: dict = {}  # a task or source holding Python objects (from_module)

@@ -44,18 +44,56 @@ Target = Annotated[Path, typer.Argument(help="a run directory, or a config TOML 
                                              "RUNS/<name>)")]
 RunsDir = Annotated[Path, typer.Option("--runs", help="where config runs are created")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars")]
+# where and how a command computes (config sections compute and executor)
+Device = Annotated[str | None, typer.Option(
+    help="where to compute: cpu, cuda, cuda:1, auto (default: the config's compute.device)")]
+Dtype = Annotated[str | None, typer.Option(
+    help="the model's arithmetic: float64, float32, tf32, bfloat16 (projections accumulate "
+         "in float64; default: each stage's own, float64 on the CPU)")]
+ExecutorKind = Annotated[str | None, typer.Option(
+    "--executor", help="in-process (default) or ray: blocks of intervals and checkpoints as Ray "
+                       "tasks, basis sample shards as Ray actors (pip install 'polca[ray]')")]
+Address = Annotated[str | None, typer.Option(
+    help="the Ray cluster: auto (started with `ray start --head`) or HOST:PORT (default: a "
+         "local one)")]
 
 
-def _open(target: Path, runs: Path):
+def _compute(device=None, dtype=None, executor=None, address=None) -> dict:
+    """Config sections of the compute options given on the command line."""
+    out: dict = {}
+    if device is not None or dtype is not None:
+        out["compute"] = {k: v for k, v in (("device", device), ("dtype", dtype)) if v}
+    if executor is not None or address is not None:
+        out["executor"] = {k: v for k, v in (("kind", executor), ("address", address)) if v}
+        if address is not None and executor is None:
+            out["executor"]["kind"] = "ray"
+    return out
+
+
+def _with(cfg, overrides: dict):
+    """``cfg`` with the sections of ``overrides`` merged in, validated again."""
+    if not overrides:
+        return cfg
+    from polca.config import parse_config
+
+    data = cfg.model_dump(mode="json", exclude_none=True)
+    for section, values in overrides.items():
+        data[section] = {**data.get(section, {}), **values}
+    return parse_config(data, source="the command line")
+
+
+def _open(target: Path, runs: Path, overrides: dict | None = None):
     from polca.stages.common import open_run
     from polca.store import RunDir
 
     if target.suffix == ".toml":
-        cfg = load_config(target)
+        cfg = _with(load_config(target), overrides)
         return open_run(runs / cfg.name, cfg)
     if not RunDir(target).exists():
         raise ConfigError(f"{target} is neither a config .toml file nor a run directory with a "
                           "config.toml; pass e.g. configs/demo-addition.toml")
+    if overrides:
+        return open_run(target, _with(load_config(RunDir(target).config_path), overrides))
     return open_run(target)
 
 
@@ -99,25 +137,38 @@ def _fail(err: Exception):
     return typer.Exit(2)
 
 
-def _run_stages(target: Path, runs: Path, stages, quiet: bool) -> None:
+def _run_stages(target: Path, runs: Path, stages, quiet: bool,
+                overrides: dict | None = None) -> None:
     from polca.api import stages_of
 
     try:
-        ctx = _open(target, runs)
+        ctx = _open(target, runs, overrides)
         _execute(ctx, [s for s in stages if s in stages_of(ctx.cfg)] or stages, quiet)
     except ERRORS as err:
         raise _fail(err) from None
 
 
 @app.command()
-def run(target: Target, runs: RunsDir = Path("runs"), quiet: Quiet = False) -> None:
+def run(target: Target, runs: RunsDir = Path("runs"), quiet: Quiet = False,
+        device: Device = None, dtype: Dtype = None, executor: ExecutorKind = None,
+        address: Address = None) -> None:
     """Run every stage in order; stages (and blocks within them) already done are skipped."""
-    _run_stages(target, runs, STAGES, quiet)
+    _run_stages(target, runs, STAGES, quiet, _compute(device, dtype, executor, address))
+
+
+# the stages that evaluate the model (the others read arrays)
+COMPUTING = ("train", "trajectories", "basis", "decompose", "measures")
 
 
 def _single(name: str):
-    def command(target: Target, runs: RunsDir = Path("runs"), quiet: Quiet = False) -> None:
-        _run_stages(target, runs, [name], quiet)
+    if name in COMPUTING:
+        def command(target: Target, runs: RunsDir = Path("runs"), quiet: Quiet = False,
+                    device: Device = None, dtype: Dtype = None, executor: ExecutorKind = None,
+                    address: Address = None) -> None:
+            _run_stages(target, runs, [name], quiet, _compute(device, dtype, executor, address))
+    else:
+        def command(target: Target, runs: RunsDir = Path("runs"), quiet: Quiet = False) -> None:
+            _run_stages(target, runs, [name], quiet)
 
     command.__doc__ = f"Run the `{name}` stage only."
     return command
@@ -134,9 +185,11 @@ class Demo(str, Enum):
 
 @app.command()
 def demo(which: Annotated[Demo, typer.Argument()] = Demo.addition,
-         runs: RunsDir = Path("runs"), quiet: Quiet = False) -> None:
+         runs: RunsDir = Path("runs"), quiet: Quiet = False, device: Device = None,
+         dtype: Dtype = None) -> None:
     """Run a shipped demo (configs/demo-<which>.toml) into RUNS/demo-<which>."""
-    _run_stages(CONFIGS / f"demo-{which.value}.toml", runs, STAGES, quiet)
+    _run_stages(CONFIGS / f"demo-{which.value}.toml", runs, STAGES, quiet,
+                _compute(device, dtype))
 
 
 BEGIN, END = "<!-- reproduction table: begin -->", "<!-- reproduction table: end -->"
@@ -146,12 +199,14 @@ BEGIN, END = "<!-- reproduction table: begin -->", "<!-- reproduction table: end
 def reproduce(target: Target = CONFIGS / "demo-addition.toml",
               out: Annotated[Path, typer.Option(help="markdown file to write")] = Path(
                   "docs/reproduction.md"),
-              runs: RunsDir = Path("runs"), quiet: Quiet = False) -> None:
+              runs: RunsDir = Path("runs"), quiet: Quiet = False, device: Device = None,
+              dtype: Dtype = None, executor: ExecutorKind = None,
+              address: Address = None) -> None:
     """Run every stage of an addition config, then write its reproduction table (ours beside
     the paper's numbers) as markdown."""
     from polca.report.reproduction import reproduction_markdown
 
-    _run_stages(target, runs, STAGES, quiet)
+    _run_stages(target, runs, STAGES, quiet, _compute(device, dtype, executor, address))
     root = target if target.suffix != ".toml" else runs / load_config(target).name
     command = f"polca reproduce {target} --out {out}"
     table = f"{BEGIN}\n{reproduction_markdown(root, command=command)}{END}"
@@ -163,6 +218,23 @@ def reproduce(target: Target = CONFIGS / "demo-addition.toml",
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
     typer.secho(f"table: {out}", fg=typer.colors.GREEN)
+
+
+def _label(item: str, group: str | None) -> dict:
+    """``--label role=copy`` as an ``evaluate.labels`` entry (the value read as TOML, so
+    ``true`` and ``1`` are a boolean and an integer, a bare word a string)."""
+    import tomllib
+
+    column, sep, text = item.partition("=")
+    entry = {"column": column.strip()}
+    if sep:
+        try:
+            entry["positive"] = tomllib.loads(f"v = {text}")["v"]
+        except tomllib.TOMLDecodeError:
+            entry["positive"] = text
+    if group is not None:
+        entry["group"] = group
+    return entry
 
 
 def _csv(text: str | None, kind=str) -> list | None:
@@ -213,6 +285,9 @@ def analyze(
     tokenizer: Annotated[Path | None, typer.Option(help="tokenizer.json (default: the HF "
                                                         "checkpoint's)")] = None,
     context_length: Annotated[int | None, typer.Option(help="tokens kept per probe example")] = None,
+    truncate: Annotated[bool, typer.Option(
+        help="cut probe examples longer than the context (the dropped scored tokens are "
+             "counted and reported) instead of stopping")] = False,
     max_tokens: Annotated[int | None, typer.Option(help="scored probe tokens at most")] = None,
     basis_sample: Annotated[Path | None, typer.Option(
         help="training sequences for the Hessian (probe formats; default: the probe set)")] = None,
@@ -220,10 +295,19 @@ def analyze(
                                             "shuffled-hessian, trajectory-pca")] = "hessian",
     include: Annotated[str | None, typer.Option(help="parameter globs forming θ, "
                                                      "comma-separated (default: all)")] = None,
+    label: Annotated[list[str], typer.Option(
+        help="a binary label column of the probe to score with homogeneity, recall and F1, "
+             "COLUMN or COLUMN=POSITIVE (repeatable); every other two-valued label is scored "
+             "too")] = [],  # noqa: B006 - typer needs a literal default
+    group: Annotated[str | None, typer.Option(
+        help="grouping column for --label (the paper's: place)")] = None,
     name: Annotated[str | None, typer.Option(help="run name (default: the checkpoint "
                                                   "folder's)")] = None,
     runs: RunsDir = Path("runs"),
-    device: Annotated[str | None, typer.Option(help="cpu, cuda, …")] = None,
+    device: Device = None,
+    dtype: Dtype = None,
+    executor: ExecutorKind = None,
+    address: Address = None,
     settings: Annotated[list[str], typer.Option(
         "--set", help="any config value, SECTION.KEY=VALUE (repeatable), e.g. basis.every=500")
     ] = [],  # noqa: B006 - typer needs a literal default
@@ -240,10 +324,16 @@ def analyze(
                               "--checkpoints (state-dict files, with --factory)")
         config = _settings(settings)
         config.setdefault("basis", {}).setdefault("kinds", _csv(basis))
+        for section, values in _compute(device, dtype, executor, address).items():
+            config[section] = {**config.get(section, {}), **values}
+        if label:
+            config.setdefault("evaluate", {})["labels"] = [_label(item, group) for item in label]
+        elif group is not None:
+            raise ConfigError("--group groups the positives of a --label; name the label too")
         common = {"name": name, "runs": runs, "steps": _csv(steps, int), "tokenizer": tokenizer,
                   "config": config, "device": device, "context_length": context_length,
                   "max_tokens": max_tokens, "basis_sample": basis_sample,
-                  "include": _csv(include)}
+                  "include": _csv(include), "truncate": truncate}
         if hf is not None:
             if factory or loss_fn:
                 raise ConfigError("--factory and --loss-fn apply to --checkpoints; a Hugging "
@@ -255,8 +345,11 @@ def analyze(
                                   "the model the state dicts belong to")
             opened = Run.from_module(factory, checkpoints, probe, loss_fn, **common)
         ctx = opened.ctx
+        dropped = getattr(ctx.task, "truncated_tokens", 0)
+        cut = f" ({dropped} scored tokens beyond the context dropped)" if dropped else ""
         typer.secho(f"{ctx.run.root}: {len(ctx.checkpoints.steps)} checkpoints, "
-                    f"{ctx.probe.n_tokens} probe tokens, d = {ctx.loss.space.dim}", err=True)
+                    f"{ctx.probe.n_tokens} probe tokens{cut}, d = {ctx.loss.space.dim}",
+                    err=True)
         _execute(ctx, ANALYSIS_STAGES, quiet)
     except ERRORS as err:
         raise _fail(err) from None

@@ -113,28 +113,32 @@ def label_scores(labels: np.ndarray, values: np.ndarray) -> dict:
 
 
 def binary_label(values, positive=None) -> np.ndarray:
-    """``[tokens]`` float array of a two-valued label column: 1.0 where the value is
-    ``positive``, 0.0 for the other value, NaN where the label is missing.
+    """``[tokens]`` float array of a label column: 1.0 where the value is ``positive``, 0.0
+    for any other value, NaN where the label is missing.
 
     ``positive`` defaults to True for booleans and 1 for 0/1 labels; a label with other values
-    needs it named. A label with more than two values raises ValueError.
+    needs it named (then every other value is the negative class, e.g. ``role = copy`` against
+    ``first`` and ``sep``). Without it, a label with more than two values raises ValueError.
 
     >>> binary_label(np.array(["copy", "sep", None], dtype=object), positive="copy").tolist()
     [1.0, 0.0, nan]
+    >>> binary_label(np.array(["copy", "sep", "first"], dtype=object), positive="copy").tolist()
+    [1.0, 0.0, 0.0]
     """
     values = pd.Series(np.asarray(values, dtype=object))
     known = values[values.notna()]
     distinct = sorted(set(known.tolist()), key=str)
-    if len(distinct) > 2:
-        raise ValueError(f"label with values {distinct[:5]}… is not binary (two values)")
     if positive is None:
+        if len(distinct) > 2:
+            raise ValueError(f"label with values {distinct[:5]} is not binary (two values); "
+                             "name the value that marks the skill")
         if not set(distinct) <= {0, 1}:  # True == 1 and False == 0, so booleans pass too
             raise ValueError(f"label with values {distinct} has no obvious positive value; name "
                              "the value that marks the skill")
         positive = 1
     elif distinct and positive not in distinct:
         raise ValueError(f"positive value {positive!r} does not occur in the label "
-                         f"(values {distinct})")
+                         f"(values {distinct[:10]})")
     return np.where(values.isna(), np.nan, (values == positive).to_numpy(dtype=float))
 
 

@@ -31,6 +31,7 @@ from polca.precision import model_dtype, resolve_device
 from polca.sources import open_source
 from polca.store import RunDir, StoreError, batch_sha256, probe_sha256, sha256_json
 from polca.tasks import Task
+from polca.tasks.base import label_columns
 
 
 @dataclass(frozen=True)
@@ -214,6 +215,12 @@ def open_run(root, cfg: RunConfig | None = None, dtype=None, device=None,
     if stored is None and outside:
         sequences, tokens = task.probe_set()
         source.check(ctx.loss, ProbeBatch.from_tables(sequences, tokens))
+    if cfg.evaluate.labels:  # a misnamed label stops before anything is computed or written
+        from polca.stages.evaluate import binary_labels
+
+        if outside or run.has_probe():
+            tokens = task.probe_set()[1] if outside else run.read_tokens()
+            binary_labels(tokens, label_columns(tokens, task.label_columns), cfg.evaluate)
     with run.lock():
         if stored is not None and stored != cfg:
             _accept_changed_config(run, stored, cfg)

@@ -122,7 +122,8 @@ def label_table_name(column: str) -> str:
 def binary_labels(tokens: pd.DataFrame, columns: list[str], cfg,
                   paper_carry: bool = False) -> list[BinaryLabelConfig]:
     """The binary labels to score: those of ``evaluate.labels`` (checked against the probe
-    tokens) and, with ``evaluate.auto_binary``, every other two-valued column of ``columns``
+    tokens: a :class:`ConfigError` names a missing column or a label without a clear positive
+    value) and, with ``evaluate.auto_binary``, every other two-valued column of ``columns``
     with its :func:`~polca.evaluate.default_positive` (``carry`` is left to the paper's carry
     table when ``paper_carry``)."""
     named = []
@@ -131,6 +132,7 @@ def binary_labels(tokens: pd.DataFrame, columns: list[str], cfg,
         if missing:
             raise ConfigError(f"evaluate.labels names columns {missing} that the probe tokens "
                               f"lack (label columns: {columns}); fix the name or the probe file")
+        _positive(tokens, spec)
         named.append(spec)
     if cfg.auto_binary:
         taken = {spec.column for spec in named} | ({"carry"} if paper_carry else set())

@@ -116,7 +116,7 @@ class ProbeFileTask:
             self.sample_source = str(basis_sample)
         self.sequence_length = max(len(ids) for ids in self.sequences["input_ids"])
         largest = max(max(ids) for ids in self.sequences["input_ids"])
-        self.vocab_size = vocab_size or _tokenizer_size(self.tokenizer) or largest + 1
+        self.vocab_size = vocab_size or tokenizer_size(self.tokenizer) or largest + 1
         if largest >= self.vocab_size:
             raise ProbeFileError(f"{probe}: token id {largest} is outside the model's vocabulary "
                                  f"of {self.vocab_size}; tokenise with the model's own tokenizer")
@@ -176,7 +176,7 @@ def load_tokenizer(tokenizer):
         raise ConfigError(f"{path} is not a tokenizers tokenizer.json ({err})") from None
 
 
-def _tokenizer_size(tokenizer) -> int | None:
+def tokenizer_size(tokenizer) -> int | None:
     if tokenizer is None:
         return None
     if hasattr(tokenizer, "get_vocab_size"):
