@@ -192,9 +192,15 @@ def hf_theta(folder: Path):
 def test_polca_through_the_hf_adapter_equals_per_token_autograd(data, tmp_path):
     run = polca.Run.from_hf(str(data["gpt2"] / "checkpoint-*"), data["probe"], name="g",
                             runs=tmp_path, basis_sample=data["sample"], config=FIRST_ONLY,
-                            tokenizer=data["tokenizer"])
+                            tokenizer=data["tokenizer"], tokens_per_step=512)
     run.progress = False
     run.trajectories().basis().decompose()
+    # the tokens seen per checkpoint: recorded with the series and an x axis of the results
+    seen = [512 * step for step in STEPS]
+    assert run.loss_.coords["tokens_seen"].values.tolist() == seen
+    assert run.terms_["hessian"].coords["tokens_seen_end"].values.tolist() == seen[1:]
+    source = json.loads((run.root / "source.json").read_text())
+    assert [c["tokens_seen"] for c in source["checkpoints"]] == seen
     vectors = load_file(str(run.root / "basis" / "hessian.safetensors"))["vectors"]
     assert vectors.shape[0] == len(STEPS) - 1  # one eigenvector per checkpoint after the first
     first = torch.from_numpy(run.terms_["hessian"]["first"].to_numpy())
@@ -424,3 +430,18 @@ def test_a_binary_label_that_is_not_binary_is_named(data, tmp_path):
     assert result.exit_code == 2, output  # role has three values: first, sep, copy
     assert "error: evaluate.labels: column 'role'" in output and "not binary" in output
     assert not (tmp_path / "runs").exists()  # checked before anything is computed
+
+
+def test_a_duplicated_checkpoint_is_flagged_and_recorded_when_the_run_is_made(data, tmp_path):
+    import shutil
+
+    series = tmp_path / "series"
+    for step in STEPS:
+        shutil.copytree(data["gpt2"] / f"checkpoint-{step}", series / f"checkpoint-{step}")
+    shutil.copytree(data["gpt2"] / "checkpoint-10", series / "checkpoint-15")  # a repeat
+    run = polca.Run.from_hf(str(series / "checkpoint-*"), data["probe"], name="dup",
+                            runs=tmp_path, tokenizer=data["tokenizer"])
+    with pytest.warns(UserWarning, match=r"identical weights at steps \[\(10, 15\)\]"):
+        run.ctx  # opening creates the run
+    source = json.loads((run.root / "source.json").read_text())
+    assert source["duplicates"] == [[10, 15]]

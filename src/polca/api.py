@@ -84,7 +84,8 @@ class Run:
 
     * ``steps_``: the checkpoint steps; ``tokens_``: the probe token table (one row per
       scored token: its sequence, position, target, text and labels);
-    * ``loss_``: the exact token losses, an :class:`xarray.DataArray` ``[token, checkpoint]``;
+    * ``loss_``: the exact token losses, an :class:`xarray.DataArray` ``[token, checkpoint]``
+      (coordinates ``step``, and ``tokens_seen`` where the source knows the tokens per step);
     * ``terms_``: ``{basis: xarray.Dataset}`` of the decomposition arrays (``first``,
       ``second_exact``, ... ``[vector, interval, token]``, ``grad`` ``[vector, checkpoint,
       token]``), read lazily from the zarr store;
@@ -155,9 +156,12 @@ class Run:
                 runs: str | os.PathLike = "runs", revisions: Sequence[str] | None = None,
                 steps: Sequence[int] | None = None, tokenizer: str | os.PathLike | None = None,
                 config: dict | None = None, device: str | None = None,
-                include: Sequence[str] | None = None, **probe_options) -> Run:
+                include: Sequence[str] | None = None, tokens_per_step: int | None = None,
+                **probe_options) -> Run:
         """A series of Hugging Face causal-LM checkpoints (see
         :func:`polca.models.hf.hf_series` for ``source``), analysed into ``runs/<name>``.
+        ``tokens_per_step``: training tokens per step, so the results carry the tokens seen
+        per checkpoint (``tokens_seen`` coordinates; Pythia's by default for its hub caches).
 
         ``probe_options``: ``context_length``, ``max_tokens``, ``tokens_per_sequence``,
         ``basis_sample`` (training sequences for the Hessian; default: the probe set),
@@ -170,9 +174,9 @@ class Run:
 
         revisions, steps = _list(revisions), _list(steps)
         section = {"kind": "hf", "path": _absolute(source), "revisions": revisions,
-                   "steps": steps, "include": _list(include)}
+                   "steps": steps, "include": _list(include), "tokens_per_step": tokens_per_step}
         made = HFSource(section["path"], steps=steps, revisions=revisions,
-                        include=section["include"])
+                        include=section["include"], tokens_per_step=tokens_per_step)
         return cls._outside(section, probe, tokenizer, probe_options, name or default_name(
             source), runs, config, device, made)
 
@@ -321,8 +325,11 @@ class Run:
         if steps is None:
             return
         self.steps_ = steps
+        tokens_seen = run.tokens_seen(steps)
+        extra = {} if tokens_seen is None else {"tokens_seen": ("checkpoint", tokens_seen)}
         self.loss_ = xr.DataArray(run.arrays().read(LOSS), dims=("token", "checkpoint"),
-                                  coords={"step": ("checkpoint", steps), **self._token_coords()},
+                                  coords={"step": ("checkpoint", steps), **extra,
+                                          **self._token_coords()},
                                   name="loss")
 
     def _token_coords(self) -> dict:

@@ -271,6 +271,9 @@ def analyze(
              "a hub cache models--org--name, or a series manifest .json")] = None,
     revisions: Annotated[str | None, typer.Option(help="hub cache refs, comma-separated "
                                                        "(default: every step* ref)")] = None,
+    tokens_per_step: Annotated[int | None, typer.Option(
+        help="training tokens per step of an --hf series: results get a tokens-seen axis "
+             "(default: Pythia's 1024 x 2048 for EleutherAI/pythia-* hub caches)")] = None,
     checkpoints: Annotated[str | None, typer.Option(
         help="state-dict files of any PyTorch model (.safetensors or weights-only .pt): a "
              "glob or a folder; needs --factory")] = None,
@@ -338,11 +341,14 @@ def analyze(
             if factory or loss_fn:
                 raise ConfigError("--factory and --loss-fn apply to --checkpoints; a Hugging "
                                   "Face series builds its model from config.json")
-            opened = Run.from_hf(hf, probe, revisions=_csv(revisions), **common)
+            opened = Run.from_hf(hf, probe, revisions=_csv(revisions),
+                                 tokens_per_step=tokens_per_step, **common)
         else:
             if factory is None:
                 raise ConfigError('--checkpoints needs --factory "module:function" that builds '
                                   "the model the state dicts belong to")
+            if tokens_per_step is not None:
+                raise ConfigError("--tokens-per-step describes an --hf series")
             opened = Run.from_module(factory, checkpoints, probe, loss_fn, **common)
         ctx = opened.ctx
         dropped = getattr(ctx.task, "truncated_tokens", 0)

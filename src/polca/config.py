@@ -52,12 +52,16 @@ class SourceConfig(Section):
     factory_kwargs: dict = Field(default_factory=dict)
     loss_fn: str | None = Field(None, description='"module:function" (logits, batch) -> [tokens]')
     include: list[str] | None = Field(None, description="parameter globs forming θ")
+    tokens_per_step: int | None = Field(
+        None, gt=0, description="hf: training tokens per step (default: Pythia's for "
+                                "EleutherAI/pythia-* caches, else unknown)")
 
     @model_validator(mode="after")
     def _complete(self):
         outside = {"path": self.path, "revisions": self.revisions, "steps": self.steps,
                    "factory": self.factory, "factory_kwargs": self.factory_kwargs,
-                   "loss_fn": self.loss_fn, "include": self.include}
+                   "loss_fn": self.loss_fn, "include": self.include,
+                   "tokens_per_step": self.tokens_per_step}
         if self.kind == "train":
             given = [k for k, v in outside.items() if v]
             if given:
@@ -75,8 +79,9 @@ class SourceConfig(Section):
             if given:
                 raise ValueError(f"{given} apply to source.kind = 'state-dict'; a Hugging Face "
                                  "series builds its model from config.json")
-        elif self.revisions is not None:
-            raise ValueError("source.revisions picks refs of a Hugging Face hub cache (kind 'hf')")
+        elif self.revisions is not None or self.tokens_per_step is not None:
+            raise ValueError("source.revisions and source.tokens_per_step describe a Hugging "
+                             "Face series (kind 'hf')")
         return self
 
 

@@ -185,11 +185,13 @@ class HFSource(_SeriesSource):
     manifest ``.json``; see :func:`polca.models.hf.hf_series`."""
 
     def __init__(self, path, steps: Sequence[int] | None = None,
-                 revisions: Sequence[str] | None = None, include: Sequence[str] | None = None):
+                 revisions: Sequence[str] | None = None, include: Sequence[str] | None = None,
+                 tokens_per_step: int | None = None):
         from polca.models.hf import hf_series
 
         self.include = include
-        self.series = hf_series(path, steps=steps, revisions=revisions)
+        self.series = hf_series(path, steps=steps, revisions=revisions,
+                                tokens_per_step=tokens_per_step)
 
     def build_model(self) -> nn.Module:
         """A model of the series' architecture (placeholder weights: every θ analysed comes
@@ -257,7 +259,8 @@ def make_source(cfg: RunConfig, vocab_size: int | None = None,
     if s.kind == "train":
         return TrainingSource(cfg, vocab_size, sequence_length)
     if s.kind == "hf":
-        return HFSource(s.path, steps=s.steps, revisions=s.revisions, include=s.include)
+        return HFSource(s.path, steps=s.steps, revisions=s.revisions, include=s.include,
+                        tokens_per_step=s.tokens_per_step)
     factory = resolve_callable(s.factory, "factory")
     if s.factory_kwargs:
         from functools import partial

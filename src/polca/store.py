@@ -705,7 +705,8 @@ class RunDir:
     def dataset(self, group: str):
         """The arrays of ``group`` (``polca/<basis>``, ``lca``) as a lazily read
         :class:`xarray.Dataset` with coordinates ``step`` (per checkpoint) and ``step_start``,
-        ``step_end`` (per interval)."""
+        ``step_end`` (per interval), and ``tokens_seen`` (``tokens_seen_start``,
+        ``tokens_seen_end``) where the source knows them (:meth:`tokens_seen`)."""
         import xarray as xr
 
         ds = xr.open_zarr(self.root / "arrays.zarr", group=group, consolidated=False,
@@ -719,7 +720,21 @@ class RunDir:
             if "interval" in ds.dims:
                 coords["step_start"] = ("interval", list(steps[:-1]))
                 coords["step_end"] = ("interval", list(steps[1:]))
+            tokens = self.tokens_seen(steps)
+            if tokens is not None and "checkpoint" in ds.dims:
+                coords["tokens_seen"] = ("checkpoint", tokens)
+            if tokens is not None and "interval" in ds.dims:
+                coords["tokens_seen_start"] = ("interval", tokens[:-1])
+                coords["tokens_seen_end"] = ("interval", tokens[1:])
         return ds.assign_coords(coords)
+
+    def tokens_seen(self, steps: Sequence[int]) -> list[int] | None:
+        """Training tokens seen at each of ``steps``, as ``source.json`` records them (an
+        outside series whose tokens per step are known), else None: an x axis in tokens."""
+        source = self.read_source() or {}
+        seen = {c["step"]: c.get("tokens_seen") for c in source.get("checkpoints", [])}
+        values = [seen.get(int(step)) for step in steps]
+        return None if any(v is None for v in values) else values
 
     # -- basis ---------------------------------------------------------------------------------
     def basis_names(self) -> list[str]:
