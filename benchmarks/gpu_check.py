@@ -50,6 +50,9 @@ ROUNDOFF = {"float64": 2.0**-53, "float32": 2.0**-24, "tf32": 2.0**-11, "bfloat1
 TOLERANCE = {name: 100 * u for name, u in ROUNDOFF.items()}
 SHAPES = {  # the decoder, the probe problems, the basis size
     "tiny": ({"n_layers": 2, "d_model": 32, "n_heads": 4, "d_mlp": 64}, 16, 4),
+    # the demo's decoder, and one twice as wide: the cost model's CPU measurements
+    "demo": ({"n_layers": 2, "d_model": 64, "n_heads": 4, "d_mlp": 256}, 64, 8),
+    "wide": ({"n_layers": 2, "d_model": 128, "n_heads": 4, "d_mlp": 512}, 128, 16),
     "paper": ({"n_layers": 3, "d_model": 512, "n_heads": 4, "d_mlp": 2048}, 1250, 50),
 }
 TERMS = ("first", "second_exact", "second_paper", "integrated", "fisher")

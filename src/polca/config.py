@@ -265,7 +265,8 @@ class RunConfig(Section):
 TRAINING_SECTIONS = ("seed", "source", "task", "model", "train", "checkpoints")
 # Config values that say where and how a run computes, not what: changing them recomputes
 # nothing (results agree to rounding; compute.dtype is an input of the stages it affects).
-RUNTIME_KEYS = ("train.device", "compute.device", "executor.kind", "executor.address")
+RUNTIME_KEYS = ("train.device", "compute.device", "executor.kind", "executor.address",
+                "executor.block_intervals")
 
 
 def load_config(path: str | Path) -> RunConfig:
