@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-import gpu_check  # noqa: E402
+import gpu_check
 
 # Targets (the sizes are the models'; the probe and basis settings are stated choices)
 TARGETS = {
@@ -112,19 +112,20 @@ def report(measured: dict, gpu: dict | None = None, workers=(1, 2, 16, 64)) -> s
     wide, demo = measured["shapes"]["wide"], measured["shapes"]["demo"]
     c = constants(wide)
     check = {k: v / constants(demo)[k] for k, v in c.items()}  # law's demo prediction/measured
-    lines = ["Measured on this machine (one thread, float64; load average "
-             f"{', '.join(f'{x:.1f}' for x in measured['load_average'])}):", "",
+    load = ", ".join(f"{x:.1f}" for x in measured["load_average"])
+    lines = [f"Measured on this machine (one thread, float64; load average {load}):", "",
              "| shape | d | positions | m | POLCA interval | LCA interval | losses/ckpt | HVP |",
              "|---|---|---|---|---|---|---|---|"]
     for name, e in measured["shapes"].items():
         lines.append(f"| {name} | {e['parameters']:,} | {e['positions']:,} | {e['vectors']} | "
                      f"{e['polca_interval_s']:.3f} s | {e['lca_interval_s']:.3f} s | "
                      f"{e['losses_checkpoint_s']:.4f} s | {e['hvp_s']:.4f} s |")
-    lines += ["", f"Algorithm 1 spent {measured['hvps_per_checkpoint']} Hessian-vector products "
-              "at one checkpoint of the wide shape (k = 1, tol 1e-3).", "",
-              "Law fitted at the wide shape, checked at the demo shape (predicted / measured): "
-              + ", ".join(f"{k} {v:.2f}" for k, v in check.items())
-              + " (below 1: the small shape has fixed overheads the law leaves out).", ""]
+    hvps = (f"Algorithm 1 spent {measured['hvps_per_checkpoint']} Hessian-vector products at "
+            "one checkpoint of the wide shape (k = 1, tol 1e-3).")
+    law = ("Law fitted at the wide shape, checked at the demo shape (predicted / measured): "
+           + ", ".join(f"{k} {v:.2f}" for k, v in check.items())
+           + " (below 1: the small shape has fixed overheads the law leaves out).")
+    lines += ["", hvps, "", law, ""]
     gpu_factor = None
     if gpu is not None and "polca_interval_s" in gpu:
         paper = TARGETS["paper addition (9.5M, 500 intervals)"]

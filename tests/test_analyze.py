@@ -442,6 +442,6 @@ def test_a_duplicated_checkpoint_is_flagged_and_recorded_when_the_run_is_made(da
     run = polca.Run.from_hf(str(series / "checkpoint-*"), data["probe"], name="dup",
                             runs=tmp_path, tokenizer=data["tokenizer"])
     with pytest.warns(UserWarning, match=r"identical weights at steps \[\(10, 15\)\]"):
-        run.ctx  # opening creates the run
+        assert run.ctx.run.exists()  # opening creates the run
     source = json.loads((run.root / "source.json").read_text())
     assert source["duplicates"] == [[10, 15]]

@@ -53,7 +53,7 @@ def test_the_script_says_there_is_no_cuda_and_exits_cleanly(tmp_path):
     env = {**os.environ, "PYTHON": sys.executable, "OUT": str(tmp_path / "out"),
            "PYTHONPATH": os.pathsep.join(sys.path)}
     done = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--reproduce"],
-                          env=env, capture_output=True, text=True, timeout=120)
+                          env=env, capture_output=True, text=True, timeout=120, check=False)
     assert done.returncode == 0, done.stderr
     assert "no CUDA device visible to torch" in done.stdout
     assert not (tmp_path / "out").exists()  # nothing was run

@@ -23,11 +23,11 @@ while the clusterings and labels it was made from are unchanged.
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
-
-import re
 
 from polca import cluster as C
 from polca import evaluate as E

@@ -37,7 +37,7 @@ import torch
 from polca.functional import ProbeBatch
 from polca.probes import ProbeFileError, probe_tables, read_examples
 from polca.tasks.base import TOKEN_FIELDS
-from polca.tasks.probe_file import tokenizer_size, load_tokenizer
+from polca.tasks.probe_file import load_tokenizer, tokenizer_size
 
 OPTIONS = ("train", "probe", "vocab_size", "sequence_length", "vocab", "tokenizer")
 
