@@ -13,6 +13,7 @@ from polca.config import RunConfig
 from polca.curvature import Algorithm1Options, BasisCheckpoint, HessianOperator
 from polca.functional import ModuleTokenLoss, ProbeBatch
 from polca.models.decoder import Decoder, DecoderConfig
+from polca.parallel import InProcess
 from polca.stages.basis import basis_checkpoint_positions, run_basis
 from polca.store import RunDir, batch_sha256, read_vectors
 
@@ -179,6 +180,14 @@ class FakeContext:
     def thetas(self):
         for step in STEPS:
             yield step, self.theta(step)
+
+    def reader(self, dtype=None):
+        return lambda index: self.theta(STEPS[index])
+
+    def arithmetic(self, stage_default=None):
+        return stage_default or "float64"
+
+    executor = InProcess()
 
     def basis_sample(self, n):
         return tiny_sample(n)
