@@ -99,15 +99,16 @@ def test_every_token_noise():
     assert "all_noise" not in codes(only(exact(n_noise=999, n_clusters=1)))  # 1 clustered
 
 
-@pytest.mark.parametrize("explained, flagged", [(-0.2, True), (-1e-9, True), (0.0, False),
-                                                (0.8, False)])
-def test_negative_explained_fraction(explained, flagged):
+@pytest.mark.parametrize("explained, flagged, shown", [
+    (-0.2, True, "-0.200"), (-1e-9, True, "-1e-09"), (0.0, False, "0.000"),
+    (0.00023, False, "0.00023"), (0.8, False, "0.800")])
+def test_negative_explained_fraction(explained, flagged, shown):
     diagnostics = {"hessian": {"estimators": {"polca": {"explained_fraction": explained}}}}
     meta = projected([(True, 0, 0, 2)], kind="polca")
     finding = only(meta, diagnostics=diagnostics)
     assert ("negative_explained" in codes(finding)) == flagged
     assert finding.numbers["explained"] == explained
-    assert f"explain {explained:.2f} of |ΔL|" in finding.sentence
+    assert f"the terms explain {shown} of |ΔL|." in finding.sentence  # a tiny value is not 0
     # the estimator is matched by kind and basis: another basis or kind is not flagged
     other = projected([(True, 0, 0, 2)], kind="polca", basis="random")
     assert "negative_explained" not in codes(only(other, diagnostics=diagnostics))
@@ -215,12 +216,34 @@ def test_sentence_numbers_by_hand():
     assert (n["n_hidden"], n["hidden_fraction"], n["paper_hidden_fraction"]) == (1, 1 / 3, 0.355)
     assert finding.sentence == (
         "POLCA (paper's curvature), hessian basis: 3 clusters on 2 of 3 vectors covering 1,000 "
-        "of 3,000 token-vector pairs (33 %); they follow place best (size-weighted purity "
+        "of 3,000 token-vector pairs (33%); they follow place best (size-weighted purity "
         "0.740 against 0.280 by chance), the largest cluster (400 tokens) being place = 100 at "
-        "0.500; best carry cluster (vector 0): 250 tokens, homogeneity 0.850 (paper 0.973), "
-        "recall 0.400 (paper 0.736), breaking at step 900; hidden breakthroughs (mean break "
-        "step after τ = 700, where the loss is flat): 1 of 3 clusters, fraction 0.333 (paper "
-        "0.355).")
+        "0.500; best carry cluster by the paper's metric (vector 0): 250 tokens, homogeneity "
+        "0.850 (paper 0.973), recall 0.400 (paper 0.736), breaking at step 900; hidden "
+        "breakthroughs (mean break step later than τ=700, where the loss is flat): 1 of 3 "
+        "clusters, fraction 0.333 (paper 0.355).")
+
+
+def test_headline_has_the_same_numbers_on_one_line():
+    meta, tables = sentence_tables()
+    finding = only(meta, **tables, diagnostics={"hessian": {"estimators": {
+        "polca_paper": {"explained_fraction": -0.5}}}})
+    assert finding.headline == (
+        "POLCA (paper's curvature), hessian basis: 3 clusters, 33% of tokens; place 0.74 "
+        "(chance 0.28); best carry cluster 0.85 (paper 0.97); hidden 1/3 (paper 0.35)  !! "
+        "explains less than nothing")
+    dropped = only(projected([(False, 0, 0, 0)] * 3))
+    assert dropped.headline == ("POLCA (paper's curvature), hessian basis: 0 clusters  !! all "
+                                "vectors dropped")
+    assert F.to_text([finding, dropped], brief=True, width=200).splitlines() == [
+        finding.headline, dropped.headline]
+
+
+def test_label_values_read_back_as_floats_are_written_as_integers():
+    meta, tables = sentence_tables()
+    clusters = tables["clusters"].astype({"majority_place": float})
+    finding = only(meta, **dict(tables, clusters=clusters))
+    assert "being place = 100 at" in finding.sentence and finding.numbers["largest_value"] == 100
 
 
 def test_sentence_without_evaluation_tables_and_without_a_qualifying_cluster():
@@ -229,7 +252,7 @@ def test_sentence_without_evaluation_tables_and_without_a_qualifying_cluster():
     assert bare.sentence.startswith("POLCA (paper's curvature), hessian basis: 3 clusters")
     assert "purity" not in bare.sentence and "paper" not in bare.sentence.split(":", 1)[1]
     empty = only(meta, skill=tables["skill"].iloc[:0])
-    assert "no cluster qualifies as a carry cluster" in empty.sentence
+    assert "no cluster qualifies as a carry cluster by the paper's metric" in empty.sentence
 
 
 def test_no_hidden_breakthrough_is_said_in_words():

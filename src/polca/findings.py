@@ -69,17 +69,26 @@ BASIS_ORDER = ("hessian", "random", "shuffled-hessian", "trajectory-pca")
 @dataclass(frozen=True)
 class Flag:
     """A condition under which a finding means nothing: ``code`` (stable, for tests and
-    filters) and a plain-language ``message`` that says what happened and what it implies."""
+    filters; :data:`FLAG_NAMES` gives each a few words) and a plain-language ``message`` that
+    says what happened and what it implies."""
 
     code: str
     message: str
 
 
+FLAG_NAMES = {"all_dropped": "all vectors dropped", "all_noise": "every token noise",
+              "negative_explained": "explains less than nothing",
+              "low_coverage": f"under {100 * MIN_COVERAGE:.0f}% of tokens clustered",
+              "few_tokens": f"under {MIN_CLUSTERED_TOKENS} tokens clustered",
+              "paper_curvature_unstable": "paper's curvature unstable"}
+
+
 @dataclass(frozen=True)
 class Finding:
     """What one clustering found: ``name`` (``polca_paper-hessian``), ``kind`` and ``basis``,
-    a human ``title``, one ``sentence``, its ``flags`` and the ``numbers`` behind the sentence
-    (coverage, clusters, homogeneity with the paper's value, hidden fraction, ...)."""
+    a human ``title``, one ``sentence``, its ``flags``, the ``numbers`` behind the sentence
+    (coverage, clusters, homogeneity with the paper's value, hidden fraction, ...) and a
+    one-line ``headline`` of the same numbers for a terminal."""
 
     name: str
     kind: str
@@ -88,6 +97,7 @@ class Finding:
     sentence: str
     flags: tuple[Flag, ...] = ()
     numbers: dict = field(default_factory=dict)
+    headline: str = ""
 
 
 @dataclass(frozen=True)
@@ -171,7 +181,7 @@ def _finding(name, kind, basis, meta, scores, clusters, skill, hidden, diagnosti
         numbers["explained"] = explained
         if explained is not None and explained < 0:
             flags.append(Flag("negative_explained", (
-                f"the {KIND_NAMES.get(kind, kind)} terms explain {explained:.2f} of |ΔL| on "
+                f"the {KIND_NAMES.get(kind, kind)} terms explain {_fraction(explained)} of |ΔL| on "
                 f"the {basis} basis: below zero they are further from the exact loss change "
                 "than allocating nothing, so these trajectories are not the loss change")))
     if diagnostic and kind == "polca_paper":
@@ -179,7 +189,7 @@ def _finding(name, kind, basis, meta, scores, clusters, skill, hidden, diagnosti
     parts = []
     if n_clusters:
         flags += _coverage_flags(cov, meta)
-        parts.append(_clusters_part(cov, n_clusters))
+        parts.append(_clusters_part(cov, n_clusters, kind))
         parts += _label_part(scores, clusters, numbers)
         parts += _skill_part(skill, clusters, skill_label, numbers)
         parts += _hidden_part(meta, params, hidden, numbers)
@@ -187,15 +197,17 @@ def _finding(name, kind, basis, meta, scores, clusters, skill, hidden, diagnosti
         parts.append(_nothing_part(cov))
     parts += _signal_part(signal, numbers)
     if numbers.get("explained") is not None:
-        parts.append(f"the terms explain {numbers['explained']:.2f} of |ΔL|")
+        parts.append(f"the terms explain {_fraction(numbers['explained'])} of |ΔL|")
     sentence = f"{title}: " + "; ".join(parts) + "."
-    return Finding(name, kind, basis, title, sentence, tuple(flags), numbers)
+    return Finding(name, kind, basis, title, sentence, tuple(flags), numbers,
+                   _headline(title, numbers, flags))
 
 
 # -- the parts of a sentence ----------------------------------------------------------------------
-def _clusters_part(cov: Coverage, n_clusters: int) -> str:
-    where = (f" on {cov.kept_vectors} of {cov.vectors} vectors" if cov.vectors > 1 else "")
-    unit = "token-vector pairs" if cov.vectors > 1 else "tokens"
+def _clusters_part(cov: Coverage, n_clusters: int, kind: str) -> str:
+    vectors = "parameters" if kind == "lca" else "vectors"
+    where = (f" on {cov.kept_vectors} of {cov.vectors} {vectors}" if cov.vectors > 1 else "")
+    unit = f"token-{vectors[:-1]} pairs" if cov.vectors > 1 else "tokens"
     return (f"{n_clusters} cluster{'s' * (n_clusters != 1)}{where} covering {cov.clustered:,} "
             f"of {cov.total:,} {unit} ({_percent(cov.fraction)})")
 
@@ -233,10 +245,11 @@ def _label_part(scores: pd.DataFrame | None, clusters: pd.DataFrame | None,
     column = f"majority_{label}"
     if clusters is not None and column in clusters and len(clusters):
         largest = clusters.sort_values("size", ascending=False, kind="stable").iloc[0]
-        numbers.update(largest_size=int(largest["size"]), largest_value=largest[column],
+        value = _value(largest[column])
+        numbers.update(largest_size=int(largest["size"]), largest_value=value,
                        largest_purity=float(largest[f"purity_{label}"]))
         text += (f", the largest cluster ({int(largest['size']):,} tokens) being "
-                 f"{label} = {largest[column]} at {float(largest[f'purity_{label}']):.3f}")
+                 f"{label} = {value} at {float(largest[f'purity_{label}']):.3f}")
     return [text]
 
 
@@ -246,7 +259,7 @@ def _skill_part(skill: pd.DataFrame | None, clusters: pd.DataFrame | None, label
     if skill is None:
         return []
     if not len(skill):
-        return [f"no cluster qualifies as a {label} cluster"]
+        return [f"no cluster qualifies as a {label} cluster by the paper's metric"]
     best = skill.sort_values("rank").iloc[0]
     homogeneity, recall = float(best["homogeneity"]), float(best["recall"])
     paper = _number(best.get("paper_homogeneity"))
@@ -255,7 +268,8 @@ def _skill_part(skill: pd.DataFrame | None, clusters: pd.DataFrame | None, label
                    skill_size=int(best["size"]), paper_homogeneity=paper,
                    paper_recall=paper_recall)
     where = "" if pd.isna(best.get("vector")) else f" (vector {int(best['vector'])})"
-    text = (f"best {label} cluster{where}: {int(best['size']):,} tokens, homogeneity "
+    text = (f"best {label} cluster by the paper's metric{where}: {int(best['size']):,} tokens, "
+            f"homogeneity "
             f"{homogeneity:.3f}{_paper(paper)}, recall {recall:.3f}{_paper(paper_recall)}")
     row = _cluster_row(clusters, best)
     if row is not None and pd.notna(row.get("break_step")):
@@ -272,7 +286,7 @@ def _hidden_part(meta: Mapping, params: Mapping, hidden: pd.DataFrame | None,
              and "paper" in hidden else None)
     numbers.update(n_hidden=n_hidden, hidden_fraction=n_hidden / n_clusters,
                    paper_hidden_fraction=paper)
-    return [f"hidden breakthroughs (mean break step after τ = {tau}, where the loss is flat): "
+    return [f"hidden breakthroughs (mean break step later than τ={tau}, where the loss is flat): "
             f"{'none' if n_hidden == 0 else n_hidden} of {n_clusters} clusters, fraction "
             f"{n_hidden / n_clusters:.3f}{_paper(paper)}"]
 
@@ -368,9 +382,9 @@ def _paper_curvature_flags(diagnostic: Mapping, n_tokens: int, numbers: dict) ->
 
 
 # -- renderers -------------------------------------------------------------------------------------
-def to_text(findings: Iterable[Finding], width: int = 100) -> str:
+def to_text(findings: Iterable[Finding], width: int = 100, brief: bool = False) -> str:
     """Plain text for a terminal: one wrapped paragraph per finding, its flags indented
-    under it with ``!``. No markup.
+    under it with ``!``; with ``brief`` each finding's one-line headline instead. No markup.
 
     >>> print(to_text([Finding("x", "loss", None, "exact loss", "exact loss: 2 clusters.",
     ...                        (Flag("low_coverage", "only 10 % clustered"),))]), end="")
@@ -382,6 +396,9 @@ def to_text(findings: Iterable[Finding], width: int = 100) -> str:
         return "No clustering yet: nothing to report.\n"
     lines = []
     for finding in findings:
+        if brief:
+            lines += textwrap.wrap(finding.headline, width, subsequent_indent="    ")
+            continue
         lines += textwrap.wrap(finding.sentence, width, subsequent_indent="    ")
         for flag in finding.flags:
             lines += textwrap.wrap(flag.message, width, initial_indent="  ! ",
@@ -468,12 +485,47 @@ def _number(value) -> float | None:
     return None if math.isnan(value) else value
 
 
-def _paper(value: float | None) -> str:
-    return "" if value is None else f" (paper {value:.3f})"
+def _paper(value: float | None, digits: int = 3) -> str:
+    return "" if value is None else f" (paper {value:.{digits}f})"
 
 
 def _percent(fraction: float) -> str:
     if math.isnan(fraction):
         return "–"
-    return f"{100 * fraction:.0f} %" if fraction >= 0.01 or fraction == 0 else \
-        f"{100 * fraction:.1g} %"
+    return f"{100 * fraction:.0f}%" if fraction >= 0.01 or fraction == 0 else \
+        f"{100 * fraction:.1g}%"
+
+
+def _fraction(value: float) -> str:
+    """Three decimals, or two significant digits for a value that would print as 0.000."""
+    return f"{value:.3f}" if value == 0 or abs(value) >= 0.001 else f"{value:.2g}"
+
+
+def _value(value):
+    """A label value as written: integers read back as floats (CSV with gaps) lose the .0."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value.item() if hasattr(value, "item") else value
+
+
+def _headline(title: str, numbers: dict, flags: list[Flag]) -> str:
+    """The numbers of a finding on one line: clusters, coverage, the label they follow, the
+    skill cluster and the hidden fraction, each beside the paper's value where there is one."""
+    parts = [f"{numbers['n_clusters']} clusters"]
+    if numbers["n_clusters"]:
+        parts[0] += f", {_percent(numbers['coverage'])} of tokens"
+        if "label" in numbers:
+            parts.append(f"{numbers['label']} {numbers['purity']:.2f} "
+                         f"(chance {numbers['chance']:.2f})")
+        if "skill_homogeneity" in numbers:
+            parts.append(f"best {numbers['skill_label']} cluster "
+                         f"{numbers['skill_homogeneity']:.2f}"
+                         f"{_paper(numbers['paper_homogeneity'], 2)}")
+        if "n_hidden" in numbers:
+            parts.append(f"hidden {numbers['n_hidden']}/{numbers['n_clusters']}"
+                         f"{_paper(numbers['paper_hidden_fraction'], 2)}")
+    line = f"{title}: " + "; ".join(parts)
+    if flags:
+        line += "  !! " + "; ".join(dict.fromkeys(FLAG_NAMES.get(f.code, f.code)
+                                                  for f in flags))
+    return line
