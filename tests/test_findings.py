@@ -4,6 +4,7 @@ stage really writes."""
 
 import json
 import math
+import re
 
 import numpy as np
 import pandas as pd
@@ -235,8 +236,25 @@ def test_headline_has_the_same_numbers_on_one_line():
     dropped = only(projected([(False, 0, 0, 0)] * 3))
     assert dropped.headline == ("POLCA (paper's curvature), hessian basis: 0 clusters  !! all "
                                 "vectors dropped")
-    assert F.to_text([finding, dropped], brief=True, width=200).splitlines() == [
-        finding.headline, dropped.headline]
+    lines = F.to_text([finding, dropped], brief=True, width=400).splitlines()
+    assert lines == [F.overview([finding, dropped]), "", finding.headline, dropped.headline]
+
+
+def test_overview_names_what_stands_and_counts_the_flags():
+    meta, tables = sentence_tables()
+    sound = only(meta, **tables)
+    dropped = only(projected([(False, 0, 0, 0)] * 3, kind="polca"))
+    noise = only(exact(1000, 0, kind="delta_loss"))
+    thin = only(exact(950, 2))  # 50 clustered: low coverage and few tokens
+    text = F.overview([sound, dropped, noise, thin])
+    assert text == (
+        "1 of 4 clusterings found clusters with no red flag: POLCA (paper's curvature), "
+        "hessian basis. POLCA on the Hessian basis (the paper's method) found clusters: POLCA "
+        "(paper's curvature), hessian basis (no red flag); POLCA (exact curvature), hessian "
+        "basis (all vectors dropped). 3 are flagged: all vectors dropped 1, every token noise "
+        "1, under 25% of tokens clustered 1, under 100 tokens clustered 1.")
+    assert F.overview([noise]) == ("0 of 1 clusterings found clusters with no red flag. 1 is "
+                                   "flagged: every token noise 1.")
 
 
 def test_label_values_read_back_as_floats_are_written_as_integers():
@@ -304,6 +322,20 @@ def test_html_is_escaped_self_contained_and_flags_every_problem():
     assert "only 5 % &amp; less" in fragment
     assert "http" not in fragment and "src=" not in fragment
     assert fragment.count("<li") == 2
+
+
+def test_html_table_has_the_headline_numbers_and_problems():
+    meta, tables = sentence_tables()
+    findings = [only(meta, **tables), only(projected([(False, 0, 0, 0)] * 3))]
+    fragment = F.to_html(findings)
+    rows = [re.findall(r"<td[^>]*>(.*?)</td>", row)
+            for row in re.findall(r"<tr[^>]*>(.*?)</tr>", fragment)[1:]]
+    assert rows == [
+        ["POLCA (paper&#x27;s curvature), hessian basis", "3", "33%",
+         "place 0.74 (chance 0.28)", "0.85 (paper 0.97)", "1/3 (paper 0.35)", ""],
+        ["POLCA (paper&#x27;s curvature), hessian basis", "0", "", "", "", "",
+         "all vectors dropped"]]
+    assert '<tr class="meaningless">' in fragment and "<th>best carry cluster</th>" in fragment
 
 
 def test_numbers_table_has_a_row_per_finding():

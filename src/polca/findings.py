@@ -382,19 +382,57 @@ def _paper_curvature_flags(diagnostic: Mapping, n_tokens: int, numbers: dict) ->
 
 
 # -- renderers -------------------------------------------------------------------------------------
+def overview(findings: Iterable[Finding]) -> str:
+    """One paragraph for the whole run: which clusterings found clusters with no red flag,
+    what POLCA on the Hessian basis (the paper's method) found, and how many are flagged for
+    what.
+
+    >>> ok = Finding("loss", "loss", None, "exact loss", "…", (), {"n_clusters": 3})
+    >>> bad = Finding("polca-hessian", "polca", "hessian", "POLCA", "…",
+    ...               (Flag("all_dropped", "…"),), {"n_clusters": 0})
+    >>> print(overview([ok, bad]))
+    1 of 2 clusterings found clusters with no red flag: exact loss. POLCA on the Hessian basis (the paper's method) found no cluster: POLCA (all vectors dropped). 1 is flagged: all vectors dropped 1.
+    """
+    findings = list(findings)
+    if not findings:
+        return "No clustering yet: nothing to report."
+    sound = [f.title for f in findings if f.numbers.get("n_clusters") and not f.flags]
+    text = (f"{len(sound)} of {len(findings)} clusterings found clusters with no red flag"
+            + (f": {', '.join(sound)}." if sound else "."))
+    paper = [f for f in findings if f.basis == "hessian" and f.kind in ("polca", "polca_paper")]
+    if paper:
+        states = [f"{f.title} ({_flag_names(f.flags) or 'no red flag'})" for f in paper]
+        found = [f for f in paper if f.numbers.get("n_clusters")]
+        text += (" POLCA on the Hessian basis (the paper's method) found "
+                 + ("no cluster" if not found else "clusters") + ": " + "; ".join(states) + ".")
+    counts: dict[str, int] = {}
+    for finding in findings:
+        for name in dict.fromkeys(FLAG_NAMES.get(f.code, f.code) for f in finding.flags):
+            counts[name] = counts.get(name, 0) + 1
+    flagged = sum(1 for f in findings if f.flags)
+    if flagged:
+        text += (f" {flagged} {'is' if flagged == 1 else 'are'} flagged: "
+                 + ", ".join(f"{name} {n}" for name, n in counts.items()) + ".")
+    return text
+
+
 def to_text(findings: Iterable[Finding], width: int = 100, brief: bool = False) -> str:
-    """Plain text for a terminal: one wrapped paragraph per finding, its flags indented
-    under it with ``!``; with ``brief`` each finding's one-line headline instead. No markup.
+    """Plain text for a terminal: the :func:`overview`, then one wrapped paragraph per
+    finding, its flags indented under it with ``!``; with ``brief`` each finding's one-line
+    headline instead. No markup.
 
     >>> print(to_text([Finding("x", "loss", None, "exact loss", "exact loss: 2 clusters.",
-    ...                        (Flag("low_coverage", "only 10 % clustered"),))]), end="")
+    ...                        (Flag("low_coverage", "only 10 % clustered"),))], width=70), end="")
+    0 of 1 clusterings found clusters with no red flag. 1 is flagged:
+    under 25% of tokens clustered 1.
+    <BLANKLINE>
     exact loss: 2 clusters.
       ! only 10 % clustered
     """
     findings = list(findings)
     if not findings:
         return "No clustering yet: nothing to report.\n"
-    lines = []
+    lines = [*textwrap.wrap(overview(findings), width), ""]
     for finding in findings:
         if brief:
             lines += textwrap.wrap(finding.headline, width, subsequent_indent="    ")
@@ -409,6 +447,13 @@ def to_text(findings: Iterable[Finding], width: int = 100, brief: bool = False) 
 FINDINGS_CSS = """
 .polca-findings { border: 1px solid #bbb; border-radius: 6px; padding: 0.6em 1.2em;
   margin: 1em 0; background: #fcfcfc; }
+.polca-findings h2 { margin-top: 0.2em; }
+.polca-findings table { border-collapse: collapse; font-size: 0.9em; margin: 0.5em 0; }
+.polca-findings th, .polca-findings td { border: 1px solid #ccc; padding: 0.15em 0.5em;
+  text-align: left; vertical-align: top; }
+.polca-findings th { background: #f0f0f0; }
+.polca-findings td.problem { color: #a00; }
+.polca-findings tr.meaningless td:not(.problem) { color: #777; }
 .polca-findings li { margin: 0.4em 0; }
 .polca-findings .meaningless { color: #555; }
 .polca-findings ul.flags { margin: 0.2em 0 0.4em; padding-left: 1.2em; list-style: none; }
@@ -417,10 +462,11 @@ FINDINGS_CSS = """
 """
 
 
-def to_html(findings: Iterable[Finding]) -> str:
+def to_html(findings: Iterable[Finding], skill_label: str = "carry") -> str:
     """A self-contained HTML fragment (its own ``<style>``, no script, no external resource):
-    a list with one item per finding, its flags in red under it; a finding with flags is
-    greyed so the eye goes to the ones that stand.
+    a table of the headline numbers, one row per finding, its problems in red (a flagged row
+    is greyed so the eye goes to the findings that stand); then the sentences, each with its
+    flags in full.
 
     >>> "⚠" in to_html([Finding("x", "loss", None, "t", "s.", (Flag("c", "m"),))])
     True
@@ -429,6 +475,16 @@ def to_html(findings: Iterable[Finding]) -> str:
     if not findings:
         body = "<p>No clustering yet: nothing to report.</p>"
     else:
+        head = ["trajectories", "clusters", "tokens clustered", "clusters follow",
+                f"best {skill_label} cluster", "hidden", "problems"]
+        rows = []
+        for finding in findings:
+            cells = [finding.title, *_cells(finding.numbers).values(), _flag_names(finding.flags)]
+            tds = "".join(f"<td>{html.escape(c)}</td>" for c in cells[:-1])
+            css = ' class="meaningless"' if finding.flags else ""
+            rows.append(f'<tr{css}>{tds}<td class="problem">{html.escape(cells[-1])}</td></tr>')
+        table = ("<table><thead><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head)
+                 + "</tr></thead><tbody>" + "".join(rows) + "</tbody></table>")
         items = []
         for finding in findings:
             flags = "".join(f"<li>{html.escape(f.message)}</li>" for f in finding.flags)
@@ -436,7 +492,8 @@ def to_html(findings: Iterable[Finding]) -> str:
             css = ' class="meaningless"' if finding.flags else ""
             items.append(f"<li{css}><strong>{html.escape(title)}</strong>: {html.escape(rest)}"
                          + (f'<ul class="flags">{flags}</ul>' if flags else "") + "</li>")
-        body = "<ul>" + "".join(items) + "</ul>"
+        body = (f"<p>{html.escape(overview(findings))}</p>" + table + "<ul>" + "".join(items)
+                + "</ul>")
     return (f"<style>{FINDINGS_CSS}</style><section class=\"polca-findings\">"
             f"<h2>What was found</h2>{body}</section>")
 
@@ -483,6 +540,66 @@ def _number(value) -> float | None:
     except (TypeError, ValueError):
         return None
     return None if math.isnan(value) else value
+
+
+def _paper(value: float | None, digits: int = 3) -> str:
+    return "" if value is None else f" (paper {value:.{digits}f})"
+
+
+def _percent(fraction: float) -> str:
+    if math.isnan(fraction):
+        return "–"
+    return f"{100 * fraction:.0f}%" if fraction >= 0.01 or fraction == 0 else \
+        f"{100 * fraction:.1g}%"
+
+
+def _fraction(value: float) -> str:
+    """Three decimals, or two significant digits for a value that would print as 0.000."""
+    return f"{value:.3f}" if value == 0 or abs(value) >= 0.001 else f"{value:.2g}"
+
+
+def _value(value):
+    """A label value as written: integers read back as floats (CSV with gaps) lose the .0."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value.item() if hasattr(value, "item") else value
+
+
+def _cells(numbers: dict) -> dict[str, str]:
+    """The headline numbers as short strings (empty where the finding has none): clusters,
+    coverage, the label the clusters follow, the best skill cluster, the hidden fraction."""
+    n = numbers.get("n_clusters", 0)
+    cells = {"clusters": str(n), "coverage": "", "follows": "", "skill": "", "hidden": ""}
+    if not n:
+        return cells
+    cells["coverage"] = _percent(numbers["coverage"])
+    if "label" in numbers:
+        cells["follows"] = (f"{numbers['label']} {numbers['purity']:.2f} "
+                            f"(chance {numbers['chance']:.2f})")
+    if "skill_homogeneity" in numbers:
+        cells["skill"] = (f"{numbers['skill_homogeneity']:.2f}"
+                          f"{_paper(numbers['paper_homogeneity'], 2)}")
+    if "n_hidden" in numbers:
+        cells["hidden"] = f"{numbers['n_hidden']}/{n}{_paper(numbers['paper_hidden_fraction'], 2)}"
+    return cells
+
+
+def _headline(title: str, numbers: dict, flags: list[Flag]) -> str:
+    """The numbers of a finding on one line: clusters, coverage, the label they follow, the
+    skill cluster and the hidden fraction, each beside the paper's value where there is one."""
+    cells = _cells(numbers)
+    parts = [f"{cells['clusters']} clusters"
+             + (f", {cells['coverage']} of tokens" if cells["coverage"] else ""), cells["follows"],
+             cells["skill"] and f"best {numbers['skill_label']} cluster {cells['skill']}",
+             cells["hidden"] and f"hidden {cells['hidden']}"]
+    line = f"{title}: " + "; ".join(p for p in parts if p)
+    if flags:
+        line += "  !! " + _flag_names(flags)
+    return line
+
+
+def _flag_names(flags: Iterable[Flag]) -> str:
+    return "; ".join(dict.fromkeys(FLAG_NAMES.get(f.code, f.code) for f in flags))
 
 
 def _paper(value: float | None, digits: int = 3) -> str:
