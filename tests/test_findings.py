@@ -199,7 +199,7 @@ def sentence_tables():
                           "paper_homogeneity": [0.946, 0.973], "paper_recall": [None, 0.736]})
     hidden = pd.DataFrame({"name": [name], "n_clusters": [3], "n_hidden": [1],
                            "paper": [0.355]})
-    return meta, dict(scores=scores, clusters=clusters, skill=skill, hidden=hidden)
+    return meta, {"scores": scores, "clusters": clusters, "skill": skill, "hidden": hidden}
 
 
 def test_sentence_numbers_by_hand():
@@ -348,7 +348,7 @@ def test_numbers_table_has_a_row_per_finding():
 
 # -- on what the stages write ------------------------------------------------------------------------
 def test_on_the_evaluate_stage_tables_of_a_planted_run(tmp_path):
-    ctx, tokens, group = planted_addition_run(tmp_path)
+    ctx, tokens, _ = planted_addition_run(tmp_path)
     run_cluster(ctx, kinds=["loss"], progress=False)
     tables = run_evaluate(ctx, progress=False)
     meta = json.loads((ctx.run.clusters / "loss.json").read_text())

@@ -286,9 +286,9 @@ def _hidden_part(meta: Mapping, params: Mapping, hidden: pd.DataFrame | None,
              and "paper" in hidden else None)
     numbers.update(n_hidden=n_hidden, hidden_fraction=n_hidden / n_clusters,
                    paper_hidden_fraction=paper)
-    return [f"hidden breakthroughs (mean break step later than τ={tau}, where the loss is flat): "
-            f"{'none' if n_hidden == 0 else n_hidden} of {n_clusters} clusters, fraction "
-            f"{n_hidden / n_clusters:.3f}{_paper(paper)}"]
+    return [(f"hidden breakthroughs (mean break step later than τ={tau}, where the loss is "
+             f"flat): {'none' if n_hidden == 0 else n_hidden} of {n_clusters} clusters, "
+             f"fraction {n_hidden / n_clusters:.3f}{_paper(paper)}")]
 
 
 def _signal_part(signal: pd.DataFrame | None, numbers: dict) -> list[str]:
@@ -600,49 +600,3 @@ def _headline(title: str, numbers: dict, flags: list[Flag]) -> str:
 
 def _flag_names(flags: Iterable[Flag]) -> str:
     return "; ".join(dict.fromkeys(FLAG_NAMES.get(f.code, f.code) for f in flags))
-
-
-def _paper(value: float | None, digits: int = 3) -> str:
-    return "" if value is None else f" (paper {value:.{digits}f})"
-
-
-def _percent(fraction: float) -> str:
-    if math.isnan(fraction):
-        return "–"
-    return f"{100 * fraction:.0f}%" if fraction >= 0.01 or fraction == 0 else \
-        f"{100 * fraction:.1g}%"
-
-
-def _fraction(value: float) -> str:
-    """Three decimals, or two significant digits for a value that would print as 0.000."""
-    return f"{value:.3f}" if value == 0 or abs(value) >= 0.001 else f"{value:.2g}"
-
-
-def _value(value):
-    """A label value as written: integers read back as floats (CSV with gaps) lose the .0."""
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    return value.item() if hasattr(value, "item") else value
-
-
-def _headline(title: str, numbers: dict, flags: list[Flag]) -> str:
-    """The numbers of a finding on one line: clusters, coverage, the label they follow, the
-    skill cluster and the hidden fraction, each beside the paper's value where there is one."""
-    parts = [f"{numbers['n_clusters']} clusters"]
-    if numbers["n_clusters"]:
-        parts[0] += f", {_percent(numbers['coverage'])} of tokens"
-        if "label" in numbers:
-            parts.append(f"{numbers['label']} {numbers['purity']:.2f} "
-                         f"(chance {numbers['chance']:.2f})")
-        if "skill_homogeneity" in numbers:
-            parts.append(f"best {numbers['skill_label']} cluster "
-                         f"{numbers['skill_homogeneity']:.2f}"
-                         f"{_paper(numbers['paper_homogeneity'], 2)}")
-        if "n_hidden" in numbers:
-            parts.append(f"hidden {numbers['n_hidden']}/{numbers['n_clusters']}"
-                         f"{_paper(numbers['paper_hidden_fraction'], 2)}")
-    line = f"{title}: " + "; ".join(parts)
-    if flags:
-        line += "  !! " + "; ".join(dict.fromkeys(FLAG_NAMES.get(f.code, f.code)
-                                                  for f in flags))
-    return line

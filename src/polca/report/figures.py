@@ -70,8 +70,8 @@ def legend(ax, handles=None, title: str | None = None, ncols: int = 1, below: bo
         handles = ax.get_legend_handles_labels()[0]
     if not handles:
         return None
-    place = (dict(loc="upper center", bbox_to_anchor=(0.5, -0.22)) if below
-             else dict(loc="upper left", bbox_to_anchor=(1.02, 1.0)))
+    place = ({"loc": "upper center", "bbox_to_anchor": (0.5, -0.22)} if below
+             else {"loc": "upper left", "bbox_to_anchor": (1.02, 1.0)})
     return ax.legend(handles=handles, **place, borderaxespad=0.0, fontsize=LEGEND_FONTSIZE,
                      title=title, title_fontsize=LEGEND_FONTSIZE, ncols=ncols)
 
