@@ -285,7 +285,7 @@ def test_skill_signal_visible_or_not_per_group():
         "vector": [0, 1, 0, 0], "balanced_accuracy": [0.8, 0.7, 0.52, math.nan],
         "chance": 0.5, "ci_low": [0.75, 0.66, 0.45, math.nan],
         "ci_high": [0.85, 0.74, 0.59, math.nan], "status": ["ok", "ok", "ok", "one class"]})
-    finding = only(exact(0, 2), signal=signal)
+    finding = only(exact(0, 2), signal=signal.astype({"group": float}))  # as read from CSV
     assert finding.numbers["signal_visible"] == {("carry", 10): True, ("carry", 100): False}
     assert ("carry within group 10 is visible to a probe (balanced accuracy 0.80, interval "
             "0.75–0.85, chance 0.50)") in finding.sentence

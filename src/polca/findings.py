@@ -286,13 +286,16 @@ def _hidden_part(meta: Mapping, params: Mapping, hidden: pd.DataFrame | None,
              and "paper" in hidden else None)
     numbers.update(n_hidden=n_hidden, hidden_fraction=n_hidden / n_clusters,
                    paper_hidden_fraction=paper)
-    return [(f"hidden breakthroughs (mean break step later than τ={tau}, where the loss is "
+    tau = "τ" if tau is None else f"τ={tau}"
+    return [(f"hidden breakthroughs (mean break step later than {tau}, where the loss is "
              f"flat): {'none' if n_hidden == 0 else n_hidden} of {n_clusters} clusters, "
              f"fraction {n_hidden / n_clusters:.3f}{_paper(paper)}")]
 
 
 def _signal_part(signal: pd.DataFrame | None, numbers: dict) -> list[str]:
-    """Per label and group, the best probe row (highest interval low end): visible or not."""
+    """Per label and group, the best probe row (highest interval low end): visible or not.
+    The intervals are taken as the table gives them; over many vectors its maker widens them
+    for the number of vectors (a best-of-m row is otherwise biased upwards)."""
     if signal is None or not len(signal):
         return []
     rows = signal
@@ -307,9 +310,11 @@ def _signal_part(signal: pd.DataFrame | None, numbers: dict) -> list[str]:
     parts, visible = [], {}
     for _, row in best.sort_values(keys).iterrows() if keys else best.iterrows():
         label = row.get("label", "the label")
-        group = "" if pd.isna(row.get("group", math.nan)) else f" within group {row['group']}"
+        value = row.get("group", math.nan)
+        value = None if pd.isna(value) else _value(value)
+        group = "" if value is None else f" within group {value}"
         seen = bool(row["ci_low"] > row["chance"])
-        visible[(label, None if not group else row["group"])] = seen
+        visible[(label, value)] = seen
         parts.append(f"{label}{group} is {'' if seen else 'not '}visible to a probe "
                      f"(balanced accuracy {row['balanced_accuracy']:.2f}, interval "
                      f"{row['ci_low']:.2f}–{row['ci_high']:.2f}, chance {row['chance']:.2f})")
