@@ -195,6 +195,7 @@ def test_nothing_to_draw_is_a_one_line_note(name):
     assert_renders(fig)
     assert any(expected in note for note in notes(fig))
     assert not any(ax.lines or ax.patches for ax in drawn_axes(fig))
+    assert fig.get_size_inches()[1] < 1  # one line, not a page of white
 
 
 def test_a_measure_without_values_gets_no_panel_but_a_note():

@@ -76,11 +76,14 @@ def legend(ax, handles=None, title: str | None = None, ncols: int = 1, below: bo
                      title=title, title_fontsize=LEGEND_FONTSIZE, ncols=ncols)
 
 
-def empty_panel(ax, text: str) -> None:
-    """Replace a panel that has nothing to draw by a one-line note."""
+def note_figure(text: str, width: float = 6.0) -> Figure:
+    """A one-line figure saying why there is nothing to draw (instead of an empty frame)."""
+    fig = Figure(figsize=(width, 0.9), layout="constrained")
+    ax = fig.subplots()
     ax.set_axis_off()
     ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes,
-            fontsize=LEGEND_FONTSIZE + 1, color="0.35", wrap=True)
+            fontsize=LEGEND_FONTSIZE + 1, color="0.35")
+    return fig
 
 
 def mark_tau(ax, tau: float | None) -> None:
@@ -122,11 +125,10 @@ def loss_curves(steps, loss, groups=None, group_name: str = "group", breaks=None
     ``"tau"`` as τ. A group with no finite value draws no line.
     """
     steps, loss = np.asarray(steps), np.asarray(loss, dtype=float)
-    fig, axes = _figure()
-    ax = axes[0, 0]
     if not _finite(loss):
-        empty_panel(ax, f"{title}: no finite values to draw")
-        return fig
+        return note_figure(f"{title}: no finite values to draw")
+    fig, axes = _figure(width=8.5)
+    ax = axes[0, 0]
     ax.plot(steps, np.nanmean(loss, axis=0), color="black", linewidth=2.2, label="all tokens")
     if groups is not None:
         groups = np.asarray(groups)
@@ -152,10 +154,9 @@ def skill_curves(steps, loss, panels, lines, panel_name: str, line_name: str,
     steps, loss = np.asarray(steps), np.asarray(loss, dtype=float)
     panels, lines = np.asarray(panels), np.asarray(lines)
     panel_values, line_values = _values(panels), _values(lines)
-    fig, axes = _figure(ncols=max(len(panel_values), 1), width=3.4, height=3.2, sharey=True)
     if not panel_values:
-        empty_panel(axes[0, 0], f"no {panel_name} values to draw")
-        return fig
+        return note_figure(f"no {panel_name} values to draw")
+    fig, axes = _figure(ncols=len(panel_values), width=3.4, height=3.2, sharey=True)
     for ax, panel in zip(axes[0], panel_values):
         for i, value in enumerate(line_values):
             members = (panels == panel) & (lines == value)
@@ -173,7 +174,7 @@ def accuracy_curves(steps, correct, groups=None, group_name: str = "group") -> F
     value of ``groups``; ``correct`` is a boolean ``[tokens, checkpoints]`` array."""
     fig = loss_curves(steps, np.asarray(correct, dtype=float), groups, group_name,
                       ylabel="accuracy (fraction of tokens)", title="Accuracy (argmax = target)")
-    if fig.axes[0].axison:
+    if fig.axes[0].axison:  # not a note
         fig.axes[0].set_ylim(-0.02, 1.02)
     return fig
 
@@ -193,12 +194,11 @@ def cluster_trajectories(steps, projected, loss, labels, top: int = 3, breaks=No
     labels = np.asarray(labels)
     ids, sizes = np.unique(labels[labels >= 0], return_counts=True)
     chosen = ids[np.argsort(-sizes, kind="stable")][:top]
+    if not len(chosen):
+        return note_figure(f"{title + ': ' if title else ''}no clusters ({len(labels)} tokens: "
+                           "all noise or filtered)")
     fig, axes = _figure(ncols=2, width=5.0, height=3.4)
     left, right = axes[0]
-    if not len(chosen):
-        empty_panel(left, f"no clusters ({len(labels)} tokens: all noise or filtered)")
-        right.set_visible(False)
-        return fig
     colors = {}
     for i, cluster in enumerate(chosen):
         members = labels == cluster
@@ -245,12 +245,13 @@ def composition_bars(labels, token_labels: pd.DataFrame, top: int | None = 8,
     ids, sizes = np.unique(labels[keep], return_counts=True)
     order = ids[np.argsort(-sizes, kind="stable")][:top]
     columns = list(token_labels.columns)
-    fig, axes = _figure(ncols=max(len(columns), 1), width=3.8, height=3.2)
-    coverage = coverage or (int(keep.sum()), len(labels))
-    fig.suptitle(f"{title}: {_coverage_text(coverage)}" if title else _coverage_text(coverage))
+    coverage = _coverage_text(coverage or (int(keep.sum()), len(labels)))
     if not columns or not len(order):
-        empty_panel(axes[0, 0], "no labels to compare with" if not columns else "no clusters")
-        return fig
+        return note_figure(f"{title + ': ' if title else ''}"
+                           f"{'no labels to compare with' if not columns else 'no clusters'} "
+                           f"({coverage})")
+    fig, axes = _figure(ncols=len(columns), width=3.8, height=3.2)
+    fig.suptitle(f"{title}: {coverage}" if title else coverage)
     for ax, column in zip(axes[0], columns):
         values = np.asarray(token_labels[column])
         categories = _values(values)
@@ -284,11 +285,10 @@ def homogeneity_bars(table: pd.DataFrame, chance: Mapping[str, float] | None = N
     :data:`polca.findings.MIN_COVERAGE` are hatched and pale: a purity of a few tokens is not
     comparable with one of all of them.
     """
+    if not len(table) or not len(table.columns):
+        return note_figure("no clustering or no label to score")
     fig, axes = _figure(width=max(6.0, 0.9 * len(table) + 3.0), height=3.8)
     ax = axes[0, 0]
-    if not len(table) or not len(table.columns):
-        empty_panel(ax, "no clustering or no label to score")
-        return fig
     coverage = dict(coverage or {})
     n = len(table.columns)
     width = 0.8 / n
@@ -326,13 +326,12 @@ def interval_series(x, series: Mapping[str, Sequence[float]], ylabel: str, title
     per entry of ``series`` (name → ``[intervals]`` values) against ``x`` ``[intervals]``.
     ``reference`` (value, meaning) is a horizontal line with its meaning in the legend, e.g.
     ``(0, "0: explains no more than nothing")``; series with no finite value are not drawn."""
-    fig, axes = _figure()
-    ax = axes[0, 0]
-    x = np.asarray(x)
     drawn = {name: values for name, values in series.items() if _finite(values)}
     if not drawn:
-        empty_panel(ax, f"{title}: no finite values to draw")
-        return fig
+        return note_figure(f"{title}: no finite values to draw")
+    fig, axes = _figure(width=8.5)
+    ax = axes[0, 0]
+    x = np.asarray(x)
     for i, (name, values) in enumerate(drawn.items()):
         ax.plot(x, np.asarray(values, dtype=float), color=_color(i), marker=".", label=name)
     if reference is not None:

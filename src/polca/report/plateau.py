@@ -23,7 +23,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
 from polca.measures import plateau_summary
-from polca.report.figures import LEGEND_FONTSIZE, STEP, _color, _figure, _finite, empty_panel
+from polca.report.figures import LEGEND_FONTSIZE, STEP, _color, _figure, _finite, note_figure
 from polca.report.markup import details, note, table
 
 PROGRESS_MEASURES = ("loss", "accuracy", "repetition", "entropy", "cosine",
@@ -69,12 +69,11 @@ def plateau_figure(table: pd.DataFrame) -> Figure:
         panels.append("norm_change")
     missing = [TITLES.get(n, n) for n in PROGRESS_MEASURES if n in table
                and not _finite(table[n])]
-    fig, axes = _figure(ncols=min(4, max(len(panels), 1)), nrows=max(1, -(-len(panels) // 4)),
-                        width=3.6, height=2.8)
-    axes = axes.ravel()
     if not panels:
-        empty_panel(axes[0], "no progress measure has a value")
-        return fig
+        return note_figure("no progress measure has a value")
+    fig, axes = _figure(ncols=min(4, len(panels)), nrows=-(-len(panels) // 4), width=3.6,
+                        height=2.8)
+    axes = axes.ravel()
     handles: dict[str, object] = {}
     for ax, name in zip(axes, panels):
         if name == "accuracy":
@@ -129,8 +128,10 @@ def measures_with_breaks(table: pd.DataFrame, breaks: Mapping | Sequence | None,
         raise KeyError(f"measures {missing} are not in the table (has {list(table.columns)})")
     empty = [m for m in names if not _finite(table[m])]
     names = [m for m in names if m not in empty]
-    fig, axes = _figure(ncols=min(4, max(len(names), 1)), nrows=max(1, -(-len(names) // 4)),
-                        width=3.6, height=2.8)
+    if not names:
+        return note_figure(f"no progress measure has a value ({', '.join(empty) or 'none'})")
+    fig, axes = _figure(ncols=min(4, len(names)), nrows=-(-len(names) // 4), width=3.6,
+                        height=2.8)
     axes = axes.ravel()
     steps = table.index.to_numpy()
     groups = ({k: np.atleast_1d(np.asarray(v, dtype=float)) for k, v in breaks.items()}
@@ -146,9 +147,6 @@ def measures_with_breaks(table: pd.DataFrame, breaks: Mapping | Sequence | None,
                            alpha=0.8)
     for ax in axes[len(names):]:
         ax.set_visible(False)
-    if not names:
-        axes[0].set_visible(True)
-        empty_panel(axes[0], "no progress measure has a value")
     handles = [Line2D([], [], color=colors[k], linestyle="--", label=f"break steps: {k}")
                for k in groups if k is not None]
     if None in groups and np.isfinite(groups[None]).any():
