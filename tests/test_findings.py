@@ -255,6 +255,10 @@ def test_overview_names_what_stands_and_counts_the_flags():
         "1, under 25% of tokens clustered 1, under 100 tokens clustered 1.")
     assert F.overview([noise]) == ("0 of 1 clusterings found clusters with no red flag. 1 is "
                                    "flagged: every token noise 1.")
+    thin_polca = F.Finding("polca-hessian", "polca", "hessian", "POLCA", "…",
+                           thin.flags, thin.numbers)
+    assert "the paper's method) found only flagged clusters: POLCA (under 25% of tokens " \
+        "clustered; under 100 tokens clustered)." in F.overview([thin_polca])
 
 
 def test_label_values_read_back_as_floats_are_written_as_integers():
@@ -271,6 +275,8 @@ def test_sentence_without_evaluation_tables_and_without_a_qualifying_cluster():
     assert "purity" not in bare.sentence and "paper" not in bare.sentence.split(":", 1)[1]
     empty = only(meta, skill=tables["skill"].iloc[:0])
     assert "no cluster qualifies as a carry cluster by the paper's metric" in empty.sentence
+    # a table without columns (an empty CSV read back) means the run has no such label
+    assert "carry" not in only(meta, skill=pd.DataFrame()).sentence
 
 
 def test_no_hidden_breakthrough_is_said_in_words():

@@ -408,8 +408,10 @@ def overview(findings: Iterable[Finding]) -> str:
     if paper:
         states = [f"{f.title} ({_flag_names(f.flags) or 'no red flag'})" for f in paper]
         found = [f for f in paper if f.numbers.get("n_clusters")]
-        text += (" POLCA on the Hessian basis (the paper's method) found "
-                 + ("no cluster" if not found else "clusters") + ": " + "; ".join(states) + ".")
+        verdict = ("no cluster" if not found else "only flagged clusters"
+                   if all(f.flags for f in found) else "clusters")
+        text += (f" POLCA on the Hessian basis (the paper's method) found {verdict}: "
+                 + "; ".join(states) + ".")
     counts: dict[str, int] = {}
     for finding in findings:
         for name in dict.fromkeys(FLAG_NAMES.get(f.code, f.code) for f in finding.flags):
@@ -514,7 +516,9 @@ def to_frame(findings: Iterable[Finding]) -> pd.DataFrame:
 
 # -- small helpers ---------------------------------------------------------------------------------
 def _rows(frame: pd.DataFrame | None, name: str) -> pd.DataFrame | None:
-    if frame is None:
+    """The rows of clustering ``name``; None when there is no table (a table without columns,
+    as an empty CSV reads back, is none: the run has no such label)."""
+    if frame is None or not len(frame.columns):
         return None
     if "name" in frame:
         return frame[frame["name"] == name]
