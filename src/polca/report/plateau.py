@@ -49,7 +49,7 @@ def _measure_panel(ax, steps, values, name: str, reference: Mapping) -> None:
 
 def plateau_figure(table: pd.DataFrame) -> Figure:
     """Up to eight panels, one per measure that has a finite value: loss, per-output accuracy
-    (first output coloured), repetition, entropy (dashed: the true outputs' values from
+    of greedy generation (each output fed back; first output coloured), repetition, entropy (dashed: the true outputs' values from
     ``table.attrs["reference"]``), cosine, attention progress, total weight norm and the
     change of the per-tensor norms since the first checkpoint (the six that moved most).
     A dotted line marks the drop (:func:`polca.measures.plateau_summary`); one legend below
@@ -82,9 +82,11 @@ def plateau_figure(table: pd.DataFrame) -> Figure:
                         label="grey: each output 2…n")
             if outputs[1:]:
                 ax.plot(steps, table[outputs[1:]].mean(axis=1), color=_color(0),
-                        label="accuracy: mean of outputs 2…n")
-            ax.plot(steps, table[outputs[0]], color=_color(1), label="accuracy: output 1")
-            ax.set(title="greedy accuracy per output position", ylabel="fraction")
+                        label="generation accuracy: mean of outputs 2…n")
+            ax.plot(steps, table[outputs[0]], color=_color(1),
+                    label="generation accuracy: output 1")
+            # generated from the prompt, each output fed back: not the teacher-forced accuracy
+            ax.set(title="accuracy of greedy generation", ylabel="fraction of sequences")
         elif name == "norm_change":
             change = tensors - tensors.iloc[0]
             moved = change.iloc[-1].abs().sort_values(ascending=False).index[:6]
@@ -97,8 +99,8 @@ def plateau_figure(table: pd.DataFrame) -> Figure:
         ax.set_xlabel(STEP)
         if drop is not None:
             ax.axvline(drop, color="0.2", linestyle=":", linewidth=1.0,
-                       label=f"dotted: step {drop:g}, the drop (mean accuracy of outputs 2…n "
-                             "halfway from its start to its maximum)")
+                       label=f"dotted: step {drop:g}, the drop (generation accuracy of "
+                             "outputs 2…n halfway from its start to its maximum)")
         for handle, label in zip(*ax.get_legend_handles_labels()):
             handles.setdefault(label, handle)
     for ax in axes[len(panels):]:
