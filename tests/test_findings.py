@@ -342,6 +342,9 @@ def test_html_table_has_the_headline_numbers_and_problems():
         ["POLCA (paper&#x27;s curvature), hessian basis", "0", "", "", "", "",
          "all vectors dropped"]]
     assert '<tr class="meaningless">' in fragment and "<th>best carry cluster</th>" in fragment
+    # a column no finding fills is left out
+    bare = F.to_html([only(meta, **dict(tables, skill=None))])
+    assert "best carry cluster</th>" not in bare and "<th>hidden</th>" in bare
 
 
 def test_numbers_table_has_a_row_per_finding():

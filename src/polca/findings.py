@@ -484,13 +484,18 @@ def to_html(findings: Iterable[Finding], skill_label: str = "carry") -> str:
     else:
         head = ["trajectories", "clusters", "tokens clustered", "clusters follow",
                 f"best {skill_label} cluster", "hidden", "problems"]
+        grid = [[f.title, *_cells(f.numbers).values(), _flag_names(f.flags)] for f in findings]
+        # a column no finding fills (no skill label in a text run) is left out
+        shown = [j for j in range(len(head)) if j in (0, 1, len(head) - 1)
+                 or any(row[j] for row in grid)]
         rows = []
-        for finding in findings:
-            cells = [finding.title, *_cells(finding.numbers).values(), _flag_names(finding.flags)]
-            tds = "".join(f"<td>{html.escape(c)}</td>" for c in cells[:-1])
+        for finding, cells in zip(findings, grid):
+            tds = "".join(f'<td class="problem">{html.escape(cells[j])}</td>'
+                          if j == len(head) - 1 else f"<td>{html.escape(cells[j])}</td>"
+                          for j in shown)
             css = ' class="meaningless"' if finding.flags else ""
-            rows.append(f'<tr{css}>{tds}<td class="problem">{html.escape(cells[-1])}</td></tr>')
-        table = ("<table><thead><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head)
+            rows.append(f"<tr{css}>{tds}</tr>")
+        table = ("<table><thead><tr>" + "".join(f"<th>{html.escape(head[j])}</th>" for j in shown)
                  + "</tr></thead><tbody>" + "".join(rows) + "</tbody></table>")
         items = []
         for finding in findings:
