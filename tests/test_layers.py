@@ -15,7 +15,7 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 
 LAYERS = {
     "kernels": ["functional", "directional", "curvature", "bases", "decompose", "cluster",
-                "evaluate", "label", "measures"],
+                "evaluate", "label", "measures", "findings"],
     "sources": ["config", "tasks", "models", "byo", "corpus", "probes", "sources"],
     "contract": ["atomic", "store", "checkpoints"],
     "parallel": ["parallel"],

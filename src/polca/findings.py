@@ -54,9 +54,9 @@ MAX_SMALL_DENOMINATOR_SHARE = 0.1
 # larger than the whole loss change it is meant to allocate.
 MAX_PAPER_RMSE_PER_MEAN_ABS_DELTA_LOSS = 1.0
 
-# the decompose stage's estimator whose explained fraction a projected kind's terms share
-ESTIMATOR_OF_KIND = {"first_order": "first_order", "polca": "polca",
-                     "polca_paper": "polca_paper", "integrated": "integrated"}
+# projected kinds whose terms the decompose stage scores by the fraction of |ΔL| they explain
+# (its estimators bear the kinds' names)
+EXPLAINED_KINDS = ("first_order", "polca", "polca_paper", "integrated")
 KIND_NAMES = {"loss": "exact loss", "delta_loss": "ΔL", "abs_delta_loss": "|ΔL|",
               "lca": "LCA (top-50 parameters)", "fisher": "Fisher", "first_order":
               "first-order POLCA", "polca": "POLCA (exact curvature)",
@@ -174,9 +174,8 @@ def _finding(name, kind, basis, meta, scores, clusters, skill, hidden, diagnosti
                "total": cov.total, "vectors": cov.vectors, "kept_vectors": cov.kept_vectors,
                "tau": params.get("tau"), "delta": params.get("delta")}
     flags = [*_empty_flags(cov, n_clusters, params)]
-    estimator = ESTIMATOR_OF_KIND.get(kind)
-    if diagnostic and estimator:
-        explained = ((diagnostic.get("estimators") or {}).get(estimator) or {}).get(
+    if diagnostic and kind in EXPLAINED_KINDS:
+        explained = ((diagnostic.get("estimators") or {}).get(kind) or {}).get(
             "explained_fraction")
         numbers["explained"] = explained
         if explained is not None and explained < 0:
