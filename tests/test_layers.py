@@ -15,7 +15,7 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 
 LAYERS = {
     "kernels": ["functional", "directional", "curvature", "bases", "decompose", "cluster",
-                "evaluate", "label", "measures", "precision"],
+                "evaluate", "label", "measures", "findings", "precision"],
     "sources": ["config", "tasks", "models", "byo", "corpus", "probes", "sources"],
     "contract": ["atomic", "store", "checkpoints"],
     "parallel": ["parallel", "ray_executor"],

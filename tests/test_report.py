@@ -259,7 +259,7 @@ def test_loss_curves_lines_are_group_means():
         members = [i for i in range(9) if groups[i] == value]
         mean = [sum(loss[i, t] for i in members) / len(members) for t in range(4)]
         np.testing.assert_allclose(line.get_ydata(), mean)
-        assert line.get_label() == f"g={value}"
+        assert line.get_label() == f"g={value} (3 tokens)"
     assert list(ax.lines[4].get_xdata()) == [10, 10]  # the break marker
 
 
@@ -278,8 +278,8 @@ def test_cluster_trajectories_top_clusters_and_breaks():
                                        breaks={2: 30, 3: 40})
     left, right = fig.axes
     curves = [line for line in left.lines if len(line.get_xdata()) == 5]
-    assert [line.get_label() for line in curves] == ["cluster 2 (5)", "cluster 1 (4)",
-                                                     "cluster 0 (3)"]
+    assert [line.get_label() for line in curves] == [
+        "cluster 2 (5 tokens)", "cluster 1 (4 tokens)", "cluster 0 (3 tokens)"]
     for line_p, line_l, cluster in zip(curves, right.lines, (2, 1, 0)):
         members = [i for i in range(17) if labels[i] == cluster]
         for t in range(5):
