@@ -32,10 +32,12 @@ import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
+from polca.config import ConfigError
+
 try:
     import ray
 except ImportError as err:  # pragma: no cover - exercised only without the extra
-    raise ImportError(f"the Ray executor needs ray: pip install 'polca[ray]' ({err})") from None
+    raise ConfigError(f"--executor ray needs ray: pip install 'polca[ray]' ({err})") from None
 
 RETRIES = 3
 
@@ -91,7 +93,7 @@ class RayExecutor:
                 ray.init(address=address, include_dashboard=False, log_to_driver=False,
                          runtime_env={"env_vars": env} if env else None)
             except ConnectionError as err:
-                raise ConnectionError(
+                raise ConfigError(
                     f"cannot reach a Ray cluster at {address!r} ({err}); start one with "
                     "`ray start --head` (then --address auto), or leave --address out for a "
                     "local cluster") from None
