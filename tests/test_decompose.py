@@ -20,6 +20,7 @@ from polca.config import RunConfig
 from polca.directional import directional_derivatives
 from polca.functional import ParameterSpace, ProbeBatch, token_losses
 from polca.parallel import InProcess
+from polca.stages.common import CheckpointReader
 from polca.stages.decompose import run_decompose
 from polca.store import RunDir, StoreError
 
@@ -227,9 +228,13 @@ def make_context(root, n_checkpoints=4, decompose=None, repeat_checkpoint=None, 
     run.save_basis(Basis("random", "random", vectors, provenance))
     cfg = RunConfig.model_validate({"name": "t", "decompose": {"batch_size": 2,
                                                                 **(decompose or {})}})
+    series = SimpleNamespace(steps=steps,
+                             load=lambda step: loss.space.unflatten(by_step[step].clone()))
+    reader = CheckpointReader(series, loss.space, tuple(steps), torch.device("cpu"))
     return SimpleNamespace(
         run=run, cfg=cfg, loss=loss, loss_in=lambda dtype: loss, probe=batch,
-        checkpoints=SimpleNamespace(steps=steps), theta=lambda step: by_step[step].clone(),
+        checkpoints=series, theta=lambda step: by_step[step].clone(),
+        reader=lambda dtype=None: reader, arithmetic=lambda default=None: default or "float64",
         device=torch.device("cpu"), dtype=torch.float64, executor=InProcess(), said=said,
         inputs=lambda *names, **values: {**dict.fromkeys(names, "unchanged"), **values},
     ), thetas, vectors
