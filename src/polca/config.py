@@ -203,7 +203,8 @@ class ComputeConfig(Section):
     """Where and in which arithmetic the analysis stages run (every stage that computes).
 
     ``device``: ``"cpu"``, ``"cuda"``, ``"cuda:1"``, …, ``"auto"`` (CUDA when available), or
-    None: ``train.device`` (``"cpu"`` unless set). Training runs there too.
+    None: ``train.device`` (``"cpu"`` unless set). Training runs there too (in float32, as the
+    progress measures; ``dtype`` is the analysis stages' arithmetic).
     ``dtype``: the model's forward arithmetic, overriding the per-stage defaults
     (trajectories float64, ``basis.dtype``, ``decompose.dtype``): ``float64``, ``float32``,
     ``tf32`` (float32 storage, TensorFloat-32 matrix products on CUDA) or ``bfloat16``.
