@@ -25,6 +25,7 @@ tokenizers = pytest.importorskip("tokenizers")
 import polca
 from polca.cli import app
 from polca.config import ConfigError
+from polca.store import sha256_json
 
 LETTERS = list("abcdefgh")
 VOCAB = [*LETTERS, "|", "[UNK]"]
@@ -376,7 +377,9 @@ def test_a_probe_longer_than_the_context_is_an_error_or_a_counted_truncation(dat
     assert "error:" in output and "longer than the context of 12" in output
     assert "Traceback" not in output and not (tmp_path / "runs").exists()
 
-    result, output = invoke(*args, "--truncate", "--basis", "random", "--label", "role=copy",
+    # the basis sample is cut to the context too (it only feeds the Hessian)
+    result, output = invoke(*args, "--truncate", "--basis-sample", probe, "--basis",
+                            "random,hessian", "--label", "role=copy",
                             "--set", "decompose.lca=false",
                             "--set", "cluster.trajectories=['loss', 'polca']",
                             "--set", "cluster.min_cluster_size=3")
@@ -445,3 +448,10 @@ def test_a_duplicated_checkpoint_is_flagged_and_recorded_when_the_run_is_made(da
         assert run.ctx.run.exists()  # opening creates the run
     source = json.loads((run.root / "source.json").read_text())
     assert source["duplicates"] == [[10, 15]]
+    # the series' weight fingerprints are the run's checkpoint identity: no file is re-hashed
+    run.progress = False
+    run.trajectories()
+    recorded = json.loads((run.root / ".progress" / "inputs" / "trajectories.json").read_text())
+    fingerprints = [c["fingerprint"] for c in source["checkpoints"]]
+    assert recorded["checkpoints"] == sha256_json([[0, 10, 15, 20, 30], fingerprints])
+    assert not (run.root / ".progress" / "file-hashes.json").exists()
