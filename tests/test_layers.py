@@ -19,7 +19,7 @@ LAYERS = {
     "sources": ["config", "tasks", "models", "byo", "corpus", "probes", "sources"],
     "contract": ["atomic", "store", "checkpoints"],
     "parallel": ["parallel"],
-    "stages": ["stages", "train"],
+    "stages": ["stages", "train", "progress"],
     "face": ["api", "cli", "report", "__init__"],
 }
 RANK = {name: rank for rank, name in enumerate(LAYERS)}

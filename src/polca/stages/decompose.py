@@ -21,9 +21,9 @@ from functools import partial
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from polca import decompose as polca
+from polca import progress as P
 from polca.bases import Basis
 from polca.functional import ProbeBatch, TokenLoss, token_losses
 from polca.store import LCA_TENSORS, LCA_TOP, LOSS, TERM_DIMS, StoreError, term_array
@@ -150,8 +150,7 @@ def _decompose_basis(ctx, loss, basis: Basis, thetas: _Thetas, options: polca.Te
 
     todo = [t for t in range(T) if missing(t)]
     compute = partial(polca_block, loss, basis, ctx.probe, options)
-    bar = tqdm(total=len(todo), desc=f"POLCA {basis.name}", disable=not progress,
-               unit="interval")
+    bar = P.bar(progress, T, T - len(todo), f"POLCA {basis.name}", "interval")
     for block, terms in ctx.executor.map(compute, thetas.blocks(todo)):
         t = block.index
         blocks = terms.arrays()
@@ -230,7 +229,7 @@ def _lca(ctx, loss, thetas: _Thetas, options: polca.TermOptions, progress: bool,
     todo = [t for t in range(T) if not (arrays.is_done(LCA_TOP, t)
                                         and arrays.is_done(LCA_TENSORS, t))]
     compute = partial(lca_block, loss, top, ctx.probe, options)
-    bar = tqdm(total=len(todo), desc="LCA", disable=not progress, unit="interval")
+    bar = P.bar(progress, T, T - len(todo), "LCA", "interval")
     for block, (allocation, per_tensor) in ctx.executor.map(compute, thetas.blocks(todo)):
         _write(arrays, LCA_TOP, block.index, allocation)
         _write(arrays, LCA_TENSORS, block.index, per_tensor)

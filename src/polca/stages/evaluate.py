@@ -20,10 +20,10 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
-from tqdm.auto import tqdm
 
 from polca import cluster as C
 from polca import evaluate as E
+from polca import progress as P
 from polca.label import POS_COLUMNS, cluster_labels, has_pos
 from polca.store import LOSS, TRAJECTORY_KINDS, StoreError
 
@@ -51,11 +51,13 @@ def run_evaluate(ctx, labels=None, progress: bool = True) -> dict[str, pd.DataFr
               "probe": run.probe_sha256(), "labels": columns, "top": top,
               "examples": examples if has_pos(tokens) else None, "addition": addition}
     if run.is_current("evaluate", inputs) and run.has_evaluation():
+        P.bar(progress, len(names), len(names), "evaluate", "clustering").close()
         return run.read_evaluation()
     run.refresh("evaluate", inputs, discard=run.discard_evaluation,
                 exists=run.has_evaluation() or bool(run.evaluation_names()))
     scores, clusters, carry, hidden = [], [], [], []
-    for name in tqdm(names, desc="evaluate", unit="clustering", disable=not progress):
+    bar = P.bar(progress, len(names), 0, "evaluate", "clustering")
+    for name in names:
         clustering = run.read_clustering(name)
         # the paper's numbers are for its addition task only: other tasks get no paper column
         params = dict(clustering.params, addition=addition)
@@ -77,12 +79,15 @@ def run_evaluate(ctx, labels=None, progress: bool = True) -> dict[str, pd.DataFr
             table = E.carry_table(by_vector, tokens["carry"].to_numpy(),
                                   tokens["place"].to_numpy(), top=top, per_vector=per_vector)
             carry.append(_with_paper(table, head, params))
+        bar.update()
+    bar.close()
     tables = {
         "scores": pd.DataFrame(scores),
         "clusters": pd.concat(clusters, ignore_index=True) if clusters else pd.DataFrame(),
-        "carry": pd.concat(carry, ignore_index=True) if carry else pd.DataFrame(),
         "hidden": pd.DataFrame(hidden),
     }
+    if carry:  # the paper's carry table: only for tokens labelled with carry and place
+        tables["carry"] = pd.concat(carry, ignore_index=True)
     run.write_evaluation(tables, pos_cluster_table(run, examples) if has_pos(tokens) else None)
     return tables
 
