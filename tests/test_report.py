@@ -92,8 +92,15 @@ def make_run(root, with_results: bool = True) -> RunDir:
         "n_clusters": 3, "n_hidden": 2, "vectors": [{"vector": 0, "kept": True},
                                                     {"vector": 1, "kept": True}]})
     (run.root / "evaluation").mkdir()
-    pd.DataFrame({"name": ["polca-hessian", CSV_TEXT], "homogeneity": [0.973, 0.5]}).to_csv(
+    pd.DataFrame({"name": ["polca-hessian", CSV_TEXT], "rank": [1, 1], "vector": [1, None],
+                  "cluster": [0, 0], "size": [int(carry.sum()), 3], "homogeneity": [0.973, 0.5],
+                  "recall": [0.5, 0.1], "f1": [0.66, 0.2], "paper_homogeneity": [0.973, None],
+                  "paper_recall": [0.736, None], "paper_f1": [0.838, None]}).to_csv(
         run.root / "evaluation" / "carry.csv", index=False)
+    pd.DataFrame({"name": ["polca-hessian"], "kind": ["polca"], "basis": ["hessian"],
+                  "n_clusters": [3], "n_hidden": [2], "hidden_fraction": [2 / 3], "tau": [25],
+                  "delta": [10], "paper": [0.355]}).to_csv(
+        run.root / "evaluation" / "hidden.csv", index=False)
     return run
 
 
@@ -231,7 +238,7 @@ def test_cluster_browser_counts_breaks_and_examples(report):
 
 def test_diagnostics_per_interval_and_summary(report):
     run, path = report
-    rows = {r["quantity"]: r["hessian"] for r in table_with(parse(path), "Decomposition diag")}
+    rows = {r["quantity"]: r["hessian"] for r in table_with(parse(path), "Decomposition diagnostics per")}
     assert rows["explained: polca"] == "0.88" and rows["zero_step_intervals"] == "0"
     assert (run.report / "diagnostics_explained.png").is_file()
     assert (run.report / "progress_measures.png").is_file()

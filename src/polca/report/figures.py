@@ -304,6 +304,10 @@ def homogeneity_bars(table: pd.DataFrame, chance: Mapping[str, float] | None = N
         handles.append(bars)
         if chance and column in chance:
             ax.axhline(chance[column], color=_color(i), linestyle=":", linewidth=1.2)
+    for j, name in enumerate(table.index):  # a clustering without clusters has no bar
+        if not np.isfinite(table.loc[name].to_numpy(float)).any():
+            ax.text(x[j], 0.02, "no clusters", rotation=90, ha="center", va="bottom",
+                    fontsize=LEGEND_FONTSIZE, color="0.4")
     names = [str(name) if name not in coverage else f"{name}\n{100 * coverage[name]:.0f} % covered"
              for name in table.index]
     ax.set_xticks(x, names, rotation=30, ha="right")
@@ -321,21 +325,37 @@ def homogeneity_bars(table: pd.DataFrame, chance: Mapping[str, float] | None = N
 
 def interval_series(x, series: Mapping[str, Sequence[float]], ylabel: str, title: str,
                     xlabel: str = "interval end (training step)",
-                    reference: tuple[float, str] | None = None) -> Figure:
+                    reference: tuple[float, str] | None = None,
+                    floor: float | None = None) -> Figure:
     """Lines of per-interval diagnostics, e.g. the fraction of |ΔL| a basis explains, one line
     per entry of ``series`` (name → ``[intervals]`` values) against ``x`` ``[intervals]``.
     ``reference`` (value, meaning) is a horizontal line with its meaning in the legend, e.g.
-    ``(0, "0: explains no more than nothing")``; series with no finite value are not drawn."""
-    drawn = {name: values for name, values in series.items() if _finite(values)}
+    ``(0, "0: explains no more than nothing")``; series with no finite value are not drawn.
+    ``floor``: the lowest value on the axis; values below it are drawn at it as ▼ and the
+    series' legend entry gives its lowest value, so one extreme series does not flatten the
+    others."""
+    drawn = {name: np.asarray(values, dtype=float) for name, values in series.items()
+             if _finite(values)}
     if not drawn:
         return note_figure(f"{title}: no finite values to draw")
     fig, axes = _figure(width=8.5)
     ax = axes[0, 0]
     x = np.asarray(x)
+    lowest = min(float(np.nanmin(v)) for v in drawn.values())
+    clipped = floor is not None and lowest < floor
     for i, (name, values) in enumerate(drawn.items()):
-        ax.plot(x, np.asarray(values, dtype=float), color=_color(i), marker=".", label=name)
+        below = clipped & (values < floor) if clipped else np.zeros(len(values), bool)
+        label = name + (f" (lowest {np.nanmin(values):.3g}: ▼ off the scale)"
+                        if below.any() else "")
+        ax.plot(x, np.where(below, floor, values), color=_color(i), marker=".", label=label)
+        if below.any():
+            ax.plot(x[below], np.full(below.sum(), floor), linestyle="none", marker="v",
+                    color=_color(i), markersize=7)
     if reference is not None:
         ax.axhline(reference[0], color="0.3", linestyle="-", linewidth=0.8, label=reference[1])
+    if clipped:
+        top = max(float(np.nanmax(v)) for v in drawn.values())
+        ax.set_ylim(floor - 0.05 * (max(top, 0) - floor), None)
     ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
     legend(ax)
     return fig
