@@ -174,6 +174,9 @@ class ClusterConfig(Section):
 
 class ReportConfig(Section):
     examples_per_cluster: int = Field(10, gt=0)
+    interactive: bool | None = Field(
+        None, description="an interactive trajectory view (Bokeh, inlined, offline); "
+                          "default: when the [interactive] extra is installed")
 
 
 class ExecutorConfig(Section):

@@ -6,9 +6,11 @@ trajectory kind); then come the reproduction table (addition runs), the clusters
 the decomposition diagnostics, the progress measures, the evaluation tables and the basis;
 the configuration last. The same findings are written as data to ``report/summary.json``.
 
-The page inlines its CSS and its figures (base64 PNG), loads nothing from the network and runs
-no script, so it can be mailed or archived as one file; each figure is also saved beside it as
-a PNG. It reads whatever stages have written: a section whose inputs are absent is one line
+The page inlines its CSS and its figures (base64 PNG) and loads nothing from the network, so
+it can be mailed or archived as one file; each figure is also saved beside it as a PNG. It runs
+no script, except the interactive trajectory view when Bokeh is installed (the
+``[interactive]`` extra; ``report.interactive = false`` turns it off), whose library is inlined
+too. It reads whatever stages have written: a section whose inputs are absent is one line
 saying which stage writes them, so a report can be made at any point of a run.
 
 Example:
@@ -33,7 +35,7 @@ from matplotlib.figure import Figure
 from polca.config import dump_config, parse_config
 from polca.evaluate import label_scores
 from polca.findings import coverage, display_order, percent, to_html
-from polca.report import figures
+from polca.report import figures, interactive
 from polca.report.markup import details, esc, flatten, fmt, note, table
 from polca.report.plateau import breaks_section, plateau_figure
 from polca.report.reproduction import DIAGNOSTICS_NOTE
@@ -84,6 +86,7 @@ class Page:
 
     title: str
     head: str = ""
+    scripts: str = ""  # inline scripts for the <head> (the interactive view's library)
     sections: list[tuple[str, str, str]] = field(default_factory=list)  # (anchor, title, html)
     figures: dict[str, bytes] = field(default_factory=dict)  # file name -> PNG
 
@@ -109,7 +112,8 @@ class Page:
                        for a, t, b in self.sections)
         return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
                 f'<meta name="viewport" content="width=device-width, initial-scale=1">'
-                f"<title>{esc(self.title)}</title><style>{CSS}</style></head><body>"
+                f"<title>{esc(self.title)}</title><style>{CSS}</style>{self.scripts}"
+                f"</head><body>"
                 f"<h1>{esc(self.title)}</h1>{self.head}"
                 f'<nav class="toc">Sections: {toc}</nav>{body}</body></html>\n')
 
@@ -135,6 +139,8 @@ def write_report(run_dir, max_vectors: int = 6, examples: int | None = None) -> 
         page.add("Reproduction of the paper's addition table",
                  reproduction_section(facts["reproduction"]))
     page.add("Clusters", clusters_section(data, page, max_vectors, examples))
+    if run.config_value(("report", "interactive"), None) is not False and interactive.available():
+        page.add("Trajectories, interactive", interactive_section(data, page))
     add_text_section(page, run, examples)
     page.add("Training", training_section(data, page))
     page.add("Decomposition diagnostics", diagnostics_section(data, page))
@@ -172,6 +178,14 @@ class RunData:
     @cached_property
     def sequences(self) -> pd.DataFrame | None:
         return self.run.read_sequences() if self.run.has_probe() else None
+
+    @cached_property
+    def problems(self) -> pd.Series | None:
+        """Per token, the text of its whole probe sequence (when the sequences have one)."""
+        tokens, sequences = self.tokens, self.sequences
+        if tokens is None or sequences is None or "text" not in sequences:
+            return None
+        return tokens["sequence"].map(dict(zip(sequences["sequence"], sequences["text"])))
 
     def label_columns(self) -> list[str]:
         tokens = self.tokens
@@ -410,10 +424,7 @@ def clusters_section(data: RunData, page: Page, max_vectors: int, examples: int)
     categories = [c for c in data.label_columns() if tokens[c].nunique() <= MAX_CATEGORIES]
     parts = [*map(note, problems), homogeneity_overview(clusterings, tokens, categories, page,
                                                        data.label_columns())]
-    sequences = data.sequences
-    problems = None
-    if sequences is not None and "text" in sequences:
-        problems = tokens["sequence"].map(dict(zip(sequences["sequence"], sequences["text"])))
+    problems = data.problems
     loss, steps = data.array(LOSS), data.steps()
     for clustering in clusterings:
         blocks = [params_table(clustering)]
@@ -432,6 +443,27 @@ def clusters_section(data: RunData, page: Page, max_vectors: int, examples: int)
                              f"{', basis ' + clustering.basis if clustering.basis else ''})",
                              "".join(blocks)))
     return "".join(parts)
+
+
+def interactive_section(data: RunData, page: Page) -> str:
+    """Every token's exact-loss trajectory, coloured by the exact-loss clustering, its token
+    shown on hover (:mod:`polca.report.interactive`)."""
+    tokens, loss, steps = data.tokens, data.array(LOSS), data.steps()
+    if tokens is None or loss is None or steps is None or loss.shape[1] != len(steps):
+        return note("no exact token losses: run `polca trajectories`")
+    names = data.run.clustering_names()
+    labels = (data.run.read_clustering("loss").labels(None, len(tokens)) if "loss" in names
+              else np.full(len(tokens), -1))
+    problems = data.problems
+    label_cols = [c for c in data.label_columns() if tokens[c].nunique() <= MAX_CATEGORIES]
+    hover = [example_text(tokens, problems, i) + "".join(
+        f", {c} {tokens[c].iloc[i]}" for c in label_cols) for i in range(len(tokens))]
+    head, body = interactive.trajectory_view(
+        steps, loss, labels, hover, title="Exact loss of every probe token, coloured by the "
+                                          "exact-loss clusters (grey: noise)")
+    page.scripts = head
+    return ("<p>Hover a line to see its token (context → target [full problem]) and "
+            "labels; drag to pan, scroll to zoom.</p>" + body)
 
 
 def homogeneity_overview(clusterings: list[Clustering], tokens: pd.DataFrame,
