@@ -30,7 +30,8 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 def polca(*args, cwd: Path, env: dict | None = None, timeout: float = 600):
     """``polca ARGS`` in a subprocess: (exit code, stdout, stderr)."""
     done = subprocess.run(
-        [sys.executable, "-m", "polca.cli", *map(str, args)], cwd=cwd, capture_output=True,
+        [sys.executable, "-m", "polca.cli", *map(str, args)], check=False, cwd=cwd,
+        capture_output=True,
         text=True, timeout=timeout,
         env={**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1", **(env or {})})
     return done.returncode, done.stdout, done.stderr
@@ -95,7 +96,7 @@ def test_a_cluster_setting_recomputes_clustering_onward_only(finished, tmp_path)
     shutil.copytree(folder / "runs", tmp_path / "runs")
     root = tmp_path / "runs" / "tiny"
     before = stamps(root)
-    code, out, err = polca("run", config, "--set", "cluster.min_samples=3", cwd=tmp_path)
+    code, _, err = polca("run", config, "--set", "cluster.min_samples=3", cwd=tmp_path)
     assert code == 0, err
     assert ("config: cluster.min_samples: unset → 3; can invalidate cluster, evaluate, report"
             in err)
@@ -127,7 +128,7 @@ def test_a_changed_training_setting_is_refused_naming_each_key(finished, tmp_pat
     (["evaluate", "runs/none"], "neither a config .toml file nor a run directory"),
 ])
 def test_bad_input_is_one_error_line_with_exit_2(tmp_path, args, message):
-    code, out, err = polca(*args, cwd=tmp_path, env={"POLCA_WHEELS": str(tmp_path)})
+    code, _, err = polca(*args, cwd=tmp_path, env={"POLCA_WHEELS": str(tmp_path)})
     assert code == 2, err
     assert err.startswith("error: ") and err.count("\n") == 1 and message in err
     assert "Traceback" not in err
@@ -138,6 +139,7 @@ def test_interrupted_training_says_how_far_and_resumes(tmp_path):
     config = write(tmp_path, name="long", train={**TINY["train"], "steps": 600},
                    checkpoints={"every": 20})
     manifest = tmp_path / "runs" / "long" / "checkpoints" / "manifest.json"
+    done = None
     for signum, code in ((signal.SIGINT, 130), (signal.SIGTERM, 143)):
         process = start("train", config, cwd=tmp_path)
         deadline = time.monotonic() + 300
@@ -147,7 +149,7 @@ def test_interrupted_training_says_how_far_and_resumes(tmp_path):
                 process.communicate()
             time.sleep(0.2)
         process.send_signal(signum)
-        out, err = process.communicate(timeout=120)
+        _, err = process.communicate(timeout=120)
         assert process.returncode == code, err
         *before, last = err.splitlines()
         assert last.startswith("interrupted (during train, ")

@@ -120,10 +120,9 @@ def command(function):
 
 
 def _fail(message: str) -> typer.Exit:
-    first, *rest = message.strip().splitlines() or [""]
-    typer.secho(f"error: {first}", fg=typer.colors.RED, err=True)
-    for line in rest:  # a config with several problems lists one per line
-        typer.secho(line, fg=typer.colors.RED, err=True)
+    """One ``error:`` line (a message of several lines is joined), exit status 2."""
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    typer.secho(f"error: {'; '.join(lines)}", fg=typer.colors.RED, err=True)
     return typer.Exit(2)
 
 

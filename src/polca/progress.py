@@ -2,7 +2,7 @@
 
 Stages count their work in blocks (checkpoints, intervals, vectors, clusterings) and open one
 :func:`bar` per loop with how many blocks there are and how many are already on disk. A bar
-is drawn only when standard error is a terminal, so a log file gets no carriage-return
+is drawn only on a terminal (or in a notebook), so a log file gets no carriage-return
 updates; a loop that resumes says so in one line either way (``decompose hessian: resuming:
 2/20 intervals on disk``). Every bar of a stage is recorded in the current :class:`Journal`,
 from which the command line tells a stage that had nothing to do ("done (skipped)") from one
@@ -26,9 +26,11 @@ from tqdm.auto import tqdm
 
 
 def interactive() -> bool:
-    """Whether standard error is a terminal (bars are drawn only then)."""
-    stream = sys.stderr
-    return bool(getattr(stream, "isatty", lambda: False)())
+    """Whether bars are drawn: on a terminal, or in a notebook (``tqdm.auto`` draws them as
+    widgets there), never into a file or a pipe."""
+    if bool(getattr(sys.stderr, "isatty", lambda: False)()):
+        return True
+    return "ipykernel" in sys.modules
 
 
 def say(line: str) -> None:

@@ -972,10 +972,12 @@ class RunDir:
     # -- stage times ---------------------------------------------------------------------------
     def record_time(self, stage: str, seconds: float) -> None:
         """Record that ``stage`` just worked ``seconds`` (wall clock), with the machine's CPU
-        count and 1-minute load average, in ``.progress/times.json``."""
+        count, torch's thread count and the 1-minute load average, in
+        ``.progress/times.json``."""
         path = self.progress / "times.json"
         times = read_json(path) if path.is_file() else {}
         times[stage] = {"seconds": round(float(seconds), 1), "cpus": os.cpu_count(),
+                        "threads": torch.get_num_threads(),
                         "load": round(os.getloadavg()[0], 2)}
         atomic_write_json(path, times)
 
