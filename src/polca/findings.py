@@ -563,15 +563,16 @@ def _paper(value: float | None, digits: int = 3) -> str:
 
 
 def percent(fraction: float | None) -> str:
-    """A fraction as a percentage: whole percent, one significant digit under 1 %.
+    """A fraction as a percentage: whole percent rounded down (so a share just under a
+    threshold never reads as the threshold), one significant digit under 1 %.
 
-    >>> percent(0.8), percent(0.0093), percent(None)
-    ('80%', '0.9%', '–')
+    >>> percent(0.8), percent(0.2496), percent(0.0093), percent(None)
+    ('80%', '24%', '0.9%', '–')
     """
     if fraction is None or math.isnan(fraction):
         return "–"
-    return f"{100 * fraction:.0f}%" if fraction >= 0.01 or fraction == 0 else \
-        f"{100 * fraction:.1g}%"
+    return f"{math.floor(100 * fraction + 1e-9):.0f}%" if fraction >= 0.01 or fraction == 0 \
+        else f"{100 * fraction:.1g}%"
 
 
 def _fraction(value: float) -> str:

@@ -39,7 +39,7 @@ from polca.report import figures, interactive
 from polca.report.markup import details, esc, flatten, fmt, note, table
 from polca.report.plateau import breaks_section, plateau_figure
 from polca.report.reproduction import DIAGNOSTICS_NOTE
-from polca.report.summary import SKILL_LABEL, identity_line, read_findings, summary
+from polca.report.summary import SKILL_LABEL, identity_line, read_findings, run_summary
 from polca.report.text import add_text_section
 from polca.store import (
     CORRECT,
@@ -131,7 +131,7 @@ def write_report(run_dir, max_vectors: int = 6, examples: int | None = None) -> 
     if examples is None:
         examples = run.config_value(("report", "examples_per_cluster"), 10)
     found = read_findings(run)
-    facts = summary(run, found)
+    facts = run_summary(run, found)
     page = Page(f"polca report: {facts['run']['name']}")
     page.head = (f'<p class="identity">{esc(identity_line(facts["run"]))}</p>'
                  + to_html(found, skill_label=SKILL_LABEL))
@@ -532,16 +532,19 @@ def vector_block(data: RunData, clustering: Clustering, vector, labels: np.ndarr
                      or TRAJECTORY_KINDS.get(clustering.kind, TRAJECTORY_KINDS["loss"]).source
                      == "loss" else data.projected(clustering.kind, clustering.basis,
                                                    int(vector)))
+        tau, delta = clustering.params.get("tau"), clustering.params.get("delta")
         if projected is not None and projected.shape == loss.shape:
             parts.append(page.figure(name, figures.cluster_trajectories(
-                steps, projected, loss, labels, breaks=dict(break_steps), title=title), title))
+                steps, projected, loss, labels, breaks=dict(break_steps), title=title,
+                tau=tau, delta=delta), title))
         else:
             top = [c for c in pd.Series(labels[labels >= 0]).value_counts().index[:3]]
             groups = np.where(np.isin(labels, top), labels, -1).astype(object)
             groups[groups == -1] = None
             parts.append(page.figure(name, figures.loss_curves(
                 steps, loss, groups, "cluster",
-                breaks={c: s for c, s in dict(break_steps).items() if c in top},
+                breaks={**{c: s for c, s in dict(break_steps).items() if c in top},
+                        "tau": tau},
                 title=f"{title}: exact loss of the top clusters"), title))
         if label_cols:
             parts.append(page.figure(name + "_composition", figures.composition_bars(

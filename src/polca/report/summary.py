@@ -131,7 +131,7 @@ def identity_line(identity: dict) -> str:
     return f"{identity['name']}: " + "; ".join(parts) + "."
 
 
-def summary(run: RunDir, found: list[Finding] | None = None) -> dict:
+def run_summary(run: RunDir, found: list[Finding] | None = None) -> dict:
     """``report/summary.json``: the run's identity, the overview paragraph, the numbers of
     every finding (:func:`polca.findings.to_frame`, one record per clustering, with its flag
     codes) and, for an addition run, the reproduction table as text cells. ``found``: the
