@@ -17,9 +17,10 @@ LAYERS = {
     "kernels": ["functional", "directional", "curvature", "bases", "decompose", "cluster",
                 "evaluate", "label", "measures", "findings"],
     "sources": ["config", "tasks", "models", "byo", "corpus", "probes", "sources"],
-    "contract": ["atomic", "store", "checkpoints"],
+    # progress: how work on the run directory is told (bars, resume lines), no polca import
+    "contract": ["atomic", "store", "checkpoints", "progress"],
     "parallel": ["parallel"],
-    "stages": ["stages", "train", "progress"],
+    "stages": ["stages", "train"],
     "face": ["api", "cli", "report", "__init__"],
 }
 RANK = {name: rank for rank, name in enumerate(LAYERS)}

@@ -171,7 +171,7 @@ def test_page_is_self_contained_with_inline_images(report):
     text = path.read_text(encoding="utf-8")
     page = parse(path)
     assert path == run.report / "index.html"
-    outside_scripts = re.sub(r"<script>.*?</script>", "", text, flags=re.S)
+    outside_scripts = re.sub(r"<script>.*?</script>", "", text, flags=re.DOTALL)
     assert "http://" not in outside_scripts and "https://" not in outside_scripts
     assert not {"link", "iframe"} & page.tags
     # a script only with the interactive view, and inline (no src: nothing to load)

@@ -138,33 +138,6 @@ def _with_breaks(table: pd.DataFrame, breaks: pd.DataFrame | None) -> pd.DataFra
 
 
 
-def format_tables(tables: dict[str, pd.DataFrame]) -> str:
-    """The evaluation as plain text for the CLI: paper table, hidden breakthroughs, and per
-    clustering and label the scores averaged over its vectors."""
-    parts = []
-    carry = tables.get("carry")
-    if carry is not None and len(carry):
-        parts.append(E.format_table(
-            carry[["name", "rank", "vector", "cluster", "size", "homogeneity", "paper_homogeneity",
-                   "recall", "paper_recall", "f1", "paper_f1"]],
-            "Carry clusters (paper Appendix G metric; paper_* = the paper's addition values)"))
-    hidden = tables.get("hidden")
-    if hidden is not None and len(hidden):
-        parts.append(E.format_table(
-            hidden[["name", "n_clusters", "n_hidden", "hidden_fraction", "paper", "tau",
-                    "delta"]],
-            "Hidden breakthroughs (cluster mean break step > tau)"))
-    scores = tables.get("scores")
-    if scores is not None and len(scores):
-        summary = (scores.dropna(subset=["ari"])
-                   .groupby(["name", "label"], sort=False)[
-                       ["weighted_purity", "chance", "ari", "v_measure", "n_clusters"]]
-                   .mean().reset_index())
-        parts.append(E.format_table(summary, "Agreement with labels (mean over vectors; noise "
-                                             "and filtered tokens excluded)"))
-    return "\n".join(parts)
-
-
 def _label_columns(run, tokens: pd.DataFrame, labels) -> list[str]:
     if labels is None:
         return run.label_columns(tokens)
