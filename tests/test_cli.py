@@ -96,10 +96,12 @@ def test_a_cluster_setting_recomputes_clustering_onward_only(finished, tmp_path)
     shutil.copytree(folder / "runs", tmp_path / "runs")
     root = tmp_path / "runs" / "tiny"
     before = stamps(root)
-    code, _, err = polca("run", config, "--set", "cluster.min_samples=3", cwd=tmp_path)
+    code, _, err = polca("run", config, "--set", "cluster.min_samples=3",
+                         "--set", "decompose.batch_size=64", cwd=tmp_path)
     assert code == 0, err
     assert ("config: cluster.min_samples: unset → 3; can invalidate cluster, evaluate, report"
             in err)
+    assert "config: decompose.batch_size: 512 → 64; changes only where or how fast" in err
     for stage in ("train", "trajectories", "basis", "decompose", "measures"):
         assert f"{stage}: done (skipped)" in err
     assert "cluster: done in" in err and "evaluate: done in" in err

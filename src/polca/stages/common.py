@@ -184,16 +184,19 @@ def open_run(root, cfg: RunConfig | None = None, dtype=torch.float64, device=Non
 def _accept_changed_config(run: RunDir, stored: RunConfig, cfg: RunConfig) -> None:
     """Refuse a change of a trained run's training settings, naming every key that differs;
     say which stages any other change can make recompute."""
-    changes = [c for c in config_changes(stored, cfg) if c[0] not in RUNTIME_KEYS]
-    fixed = [c for c in changes if c[0].split(".")[0] in TRAINING_SECTIONS]
+    changes = config_changes(stored, cfg)
+    fixed = [c for c in changes if c[0].split(".")[0] in TRAINING_SECTIONS
+             and c[0] not in RUNTIME_KEYS]
     if cfg.trains and fixed:
         raise StoreError(
             f"{run.config_path} was trained with other settings than the config given "
             f"({_listed(fixed)}); a trained run keeps its training settings (they made its "
             "checkpoints). Use a new run name, or delete the run directory to start over.")
     for key, before, after in changes:
-        run.say(f"config: {key}: {_value(before)} → {_value(after)}; can invalidate "
-                f"{', '.join(invalidated(key))} (each recomputes only if its inputs changed)")
+        effect = ("changes only where or how fast it computes: nothing recomputes"
+                  if key in RUNTIME_KEYS else f"can invalidate {', '.join(invalidated(key))} "
+                  "(each recomputes only if its inputs changed)")
+        run.say(f"config: {key}: {_value(before)} → {_value(after)}; {effect}")
 
 
 def _value(value) -> str:
