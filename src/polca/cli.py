@@ -228,9 +228,6 @@ def demo(which: Annotated[Demo, typer.Argument()] = Demo.addition,
     _run_stages(shipped_config(f"demo-{which.value}.toml"), runs, STAGES, quiet, settings)
 
 
-BEGIN, END = "<!-- reproduction table: begin -->", "<!-- reproduction table: end -->"
-
-
 @app.command()
 @command
 def reproduce(target: Annotated[Path | None, typer.Argument(
@@ -241,21 +238,26 @@ def reproduce(target: Annotated[Path | None, typer.Argument(
               runs: RunsDir = Path("runs"), settings: Settings = [],  # noqa: B006
               quiet: Quiet = False) -> None:
     """Run every stage of an addition config, then write its reproduction table (ours beside
-    the paper's numbers) as markdown into OUT, between the table markers."""
-    from polca.report.reproduction import reproduction_markdown
+    the paper's numbers, and the report's sentences) as markdown into OUT, between the table
+    markers."""
+    from polca.report import docs
+    from polca.store import RunDir
 
     shown = target or Path("configs/demo-addition.toml")
     target = target or shipped_config("demo-addition.toml")
     _run_stages(target, runs, STAGES, quiet, settings)
     root = target if target.suffix != ".toml" else runs / load_config(
         target, parse_settings(settings)).name
-    command_line = f"polca reproduce {shown} --out {out}"
-    table = f"{BEGIN}\n{reproduction_markdown(root, command=command_line)}{END}"
+    summary = RunDir(root).read_summary()
+    if summary is None or summary.get("reproduction") is None:
+        raise ConfigError(f"{root} has no reproduction table: it is made for the addition "
+                          "task (evaluation/carry.csv)")
+    block = docs.table_block(summary, command=f"polca reproduce {shown} --out {out}")
     text = out.read_text() if out.is_file() else ""
-    if BEGIN in text and END in text:  # keep the prose around the table
-        text = text[: text.index(BEGIN)] + table + text[text.index(END) + len(END):]
+    if docs.TABLE_BEGIN in text and docs.TABLE_END in text:  # keep the prose around it
+        text = docs.replace_between(text, docs.TABLE_BEGIN, docs.TABLE_END, block)
     else:
-        text = table + "\n"
+        text = f"{docs.TABLE_BEGIN}\n{block}{docs.TABLE_END}\n"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
     typer.secho(f"table: {out}", fg=typer.colors.GREEN)
