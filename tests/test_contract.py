@@ -153,7 +153,7 @@ def test_a_changed_basis_recomputes_exactly_what_depends_on_it(trained, tmp_path
 
 def test_config_changes_keep_training_settings_and_accept_the_rest(trained, tmp_path):
     root = copy_run(trained, tmp_path / "run")
-    with pytest.raises(StoreError, match=r"different config.*train\.lr"):
+    with pytest.raises(StoreError, match=r"other settings .*train\.lr: 0\.003 → 0\.01"):
         open_run(root, parse_config({**TINY, "train": {**TINY["train"], "lr": 1e-2}}))
     changed = parse_config({**TINY, "cluster": {**TINY["cluster"], "min_cluster_size": 4}})
     open_run(root, changed)

@@ -44,7 +44,7 @@ FIGURES = {
     "accuracy_curves": lambda: figures.accuracy_curves(STEPS, LOSS < 1, PLACE, "place"),
     "skill_curves": lambda: figures.skill_curves(STEPS, LOSS, PLACE, CARRY, "place", "carry"),
     "cluster_trajectories": lambda: figures.cluster_trajectories(
-        STEPS, -LOSS, LOSS, LABELS, breaks={0: 50, 1: 150}, tau=120, title="v0"),
+        STEPS, -LOSS, LOSS, LABELS, breaks={0: 50, 1: 150}, tau=120, delta=20, title="v0"),
     "cluster_loss_curves": lambda: figures.loss_curves(
         STEPS, LOSS, np.where(LABELS >= 0, LABELS, 99), "cluster", breaks={0: 40.0, 1: 90.0}),
     "composition_bars": lambda: figures.composition_bars(
@@ -127,12 +127,13 @@ def test_loss_axes_say_nats_and_tau_is_explained():
     fig = FIGURES["loss_curves"]()
     ax = fig.axes[0]
     assert ax.get_ylabel() == "loss (nats)" and ax.get_xlabel() == "training step"
-    assert "τ = step 120: mean loss flat after; a later break is hidden" in legend_texts(fig)
+    assert "τ = step 120: mean loss flat after;\na later break is hidden" in legend_texts(fig)
 
 
 def test_cluster_breaks_and_tau_are_named_in_the_legend():
     text = legend_texts(FIGURES["cluster_trajectories"]())
     assert "dashed: the cluster's mean break step" in text and "τ = step 120" in text
+    assert "Δ = 20 steps" in text  # what a break step is, with the Δ it was measured with
     text = legend_texts(FIGURES["cluster_loss_curves"]())
     assert "cluster=0: mean break at step 40" in text
 
@@ -141,8 +142,8 @@ def test_homogeneity_bars_show_coverage_and_pale_bars_under_the_threshold():
     fig = FIGURES["homogeneity_bars"]()
     ax = fig.axes[0]
     ticks = [t.get_text() for t in ax.get_xticklabels()]
-    assert ticks == ["loss\n100 % covered", "polca-hessian\n40 % covered",
-                     "polca-random\n13 % covered"]
+    assert ticks == ["loss\n100% covered", "polca-hessian\n40% covered",
+                     "polca-random\n13% covered"]
     # bars go label by label (place, then carry), one per clustering
     hatched = [bool(p.get_hatch()) for p in ax.patches[:6]]
     assert hatched == [False, False, True] * 2  # only polca-random is under MIN_COVERAGE
@@ -152,9 +153,9 @@ def test_homogeneity_bars_show_coverage_and_pale_bars_under_the_threshold():
 
 def test_composition_bars_state_coverage():
     fig = FIGURES["composition_bars"]()
-    assert fig.get_suptitle() == "v0: clusters cover 30 of 40 tokens (75 %)"
+    assert fig.get_suptitle() == "v0: clusters cover 30 of 40 tokens (75%)"
     fig = figures.composition_bars(LABELS, pd.DataFrame({"place": PLACE}), coverage=(30, 400))
-    assert fig.get_suptitle() == "clusters cover 30 of 400 tokens (8 %)"
+    assert fig.get_suptitle() == "clusters cover 30 of 400 tokens (7%)"  # 7.5 %, not "8"
 
 
 def test_plateau_figure_names_the_drop_and_keeps_legends_readable():

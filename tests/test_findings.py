@@ -231,8 +231,8 @@ def test_headline_has_the_same_numbers_on_one_line():
         "polca_paper": {"explained_fraction": -0.5}}}})
     assert finding.headline == (
         "POLCA (paper's curvature), hessian basis: 3 clusters, 33% of tokens; place 0.74 "
-        "(chance 0.28); best carry cluster 0.85 (paper 0.97); hidden 1/3 (paper 0.35)  !! "
-        "explains less than nothing")
+        "(chance 0.28); best carry cluster 0.85 (paper 0.97), breaks at 900; hidden 1/3 "
+        "(paper 0.35)  !! explains less than nothing")
     dropped = only(projected([(False, 0, 0, 0)] * 3))
     assert dropped.headline == ("POLCA (paper's curvature), hessian basis: 0 clusters  !! all "
                                 "vectors dropped")
@@ -338,7 +338,7 @@ def test_html_table_has_the_headline_numbers_and_problems():
             for row in re.findall(r"<tr[^>]*>(.*?)</tr>", fragment)[1:]]
     assert rows == [
         ["POLCA (paper&#x27;s curvature), hessian basis", "3", "33%",
-         "place 0.74 (chance 0.28)", "0.85 (paper 0.97)", "1/3 (paper 0.35)", ""],
+         "place 0.74 (chance 0.28)", "0.85 (paper 0.97), breaks at 900", "1/3 (paper 0.35)", ""],
         ["POLCA (paper&#x27;s curvature), hessian basis", "0", "", "", "", "",
          "all vectors dropped"]]
     assert '<tr class="meaningless">' in fragment and "<th>best carry cluster</th>" in fragment

@@ -17,7 +17,8 @@ LAYERS = {
     "kernels": ["functional", "directional", "curvature", "bases", "decompose", "cluster",
                 "evaluate", "label", "measures", "findings", "precision"],
     "sources": ["config", "tasks", "models", "byo", "corpus", "probes", "sources"],
-    "contract": ["atomic", "store", "checkpoints"],
+    # progress: how work on the run directory is told (bars, resume lines), no polca import
+    "contract": ["atomic", "store", "checkpoints", "progress"],
     "parallel": ["parallel", "ray_executor"],
     "stages": ["stages", "train"],
     "face": ["api", "cli", "report", "__init__"],

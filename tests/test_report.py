@@ -19,7 +19,7 @@ import pytest
 
 from polca.api import run_stage
 from polca.config import dump_config, parse_config
-from polca.report import figures, write_report
+from polca.report import figures, interactive, write_report
 from polca.store import RunDir, atomic_write_json, atomic_write_parquet
 from polca.tasks.addition import Addition
 
@@ -92,8 +92,15 @@ def make_run(root, with_results: bool = True) -> RunDir:
         "n_clusters": 3, "n_hidden": 2, "vectors": [{"vector": 0, "kept": True},
                                                     {"vector": 1, "kept": True}]})
     (run.root / "evaluation").mkdir()
-    pd.DataFrame({"name": ["polca-hessian", CSV_TEXT], "homogeneity": [0.973, 0.5]}).to_csv(
+    pd.DataFrame({"name": ["polca-hessian", CSV_TEXT], "rank": [1, 1], "vector": [1, None],
+                  "cluster": [0, 0], "size": [int(carry.sum()), 3], "homogeneity": [0.973, 0.5],
+                  "recall": [0.5, 0.1], "f1": [0.66, 0.2], "paper_homogeneity": [0.973, None],
+                  "paper_recall": [0.736, None], "paper_f1": [0.838, None]}).to_csv(
         run.root / "evaluation" / "carry.csv", index=False)
+    pd.DataFrame({"name": ["polca-hessian"], "kind": ["polca"], "basis": ["hessian"],
+                  "n_clusters": [3], "n_hidden": [2], "hidden_fraction": [2 / 3], "tau": [25],
+                  "delta": [10], "paper": [0.355]}).to_csv(
+        run.root / "evaluation" / "hidden.csv", index=False)
     return run
 
 
@@ -164,8 +171,11 @@ def test_page_is_self_contained_with_inline_images(report):
     text = path.read_text(encoding="utf-8")
     page = parse(path)
     assert path == run.report / "index.html"
-    assert "http://" not in text and "https://" not in text
-    assert not {"script", "link", "iframe"} & page.tags
+    outside_scripts = re.sub(r"<script>.*?</script>", "", text, flags=re.DOTALL)
+    assert "http://" not in outside_scripts and "https://" not in outside_scripts
+    assert not {"link", "iframe"} & page.tags
+    # a script only with the interactive view, and inline (no src: nothing to load)
+    assert ("script" in page.tags) == interactive.available()
     assert all(link.startswith(("data:image/png;base64,", "#")) for link in page.links)
     inline = [base64.b64decode(src.split(",", 1)[1]) for src in page.images]
     saved = sorted(p.read_bytes() for p in run.report.glob("*.png"))
@@ -231,10 +241,31 @@ def test_cluster_browser_counts_breaks_and_examples(report):
 
 def test_diagnostics_per_interval_and_summary(report):
     run, path = report
-    rows = {r["quantity"]: r["hessian"] for r in table_with(parse(path), "Decomposition diag")}
+    rows = {r["quantity"]: r["hessian"] for r in table_with(parse(path), "Decomposition diagnostics per")}
     assert rows["explained: polca"] == "0.88" and rows["zero_step_intervals"] == "0"
     assert (run.report / "diagnostics_explained.png").is_file()
     assert (run.report / "progress_measures.png").is_file()
+
+
+def test_the_interactive_view_can_be_turned_off(tmp_path):
+    run = make_run(tmp_path / "run")
+    text = run.config_path.read_text()
+    run.config_path.write_text(text.replace("[report]\n", "[report]\ninteractive = false\n"))
+    page = write_report(run.root).read_text()
+    assert "<script" not in page and "Trajectories, interactive" not in page
+
+
+@pytest.mark.skipif(not interactive.available(), reason="needs the [interactive] extra")
+def test_the_interactive_view_shows_every_token_with_its_text(report):
+    run, path = report
+    text = path.read_text(encoding="utf-8")
+    tokens = run.read_tokens()
+    assert "Trajectories, interactive" in text and "<script src" not in text
+    # the data behind the hover: each token's full problem and labels
+    problems = run.read_sequences().set_index("sequence")["text"]
+    for i in (0, len(tokens) - 1):
+        row = tokens.iloc[i]
+        assert f"[{problems[row['sequence']]}], place {row['place']}, carry" in text
 
 
 def test_missing_stages_degrade_to_notes(tmp_path):

@@ -28,6 +28,7 @@ import glob
 import importlib
 import itertools
 import os
+import time
 from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 from pathlib import Path
@@ -37,10 +38,11 @@ import pandas as pd
 import torch
 
 from polca.config import ConfigError, RunConfig, load_config, parse_config
+from polca.stages import STAGES
 from polca.store import LOSS, RunDir, StoreError
 
-ANALYSIS_STAGES = ("trajectories", "basis", "decompose", "cluster", "evaluate", "report")
-STAGES = ("train", *ANALYSIS_STAGES[:-1], "measures", "report")
+# an outside series is analysed, never trained, and has no progress measures
+ANALYSIS_STAGES = tuple(s for s in STAGES if s not in ("train", "measures"))
 
 
 def stages_of(cfg: RunConfig) -> tuple[str, ...]:
@@ -57,13 +59,20 @@ def run_stage(ctx, name: str, progress: bool = True):
     if name not in stages_of(ctx.cfg):
         raise ConfigError(f"{ctx.run.root} analyses checkpoints made outside polca: it has no "
                           f"`{name}` stage (its stages: {', '.join(stages_of(ctx.cfg))})")
-    with ctx.run.lock():
+    from polca import progress as P
+
+    started = time.monotonic()
+    with ctx.run.lock(), P.journal() as log:
         if name == "report":  # the page is the face's: it reads the run through the contract
             from polca.report import write_report
 
-            return write_report(ctx.run, examples=ctx.cfg.report.examples_per_cluster)
-        module = importlib.import_module(f"polca.stages.{name}")
-        return getattr(module, f"run_{name}")(ctx, progress=progress)
+            result = write_report(ctx.run, examples=ctx.cfg.report.examples_per_cluster)
+        else:
+            module = importlib.import_module(f"polca.stages.{name}")
+            result = getattr(module, f"run_{name}")(ctx, progress=progress)
+        if not log.skipped:
+            ctx.run.record_time(name, time.monotonic() - started)
+    return result
 
 
 class Run:

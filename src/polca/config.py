@@ -10,6 +10,7 @@ Example:
 
 from __future__ import annotations
 
+from importlib import resources
 from pathlib import Path
 from typing import Literal
 
@@ -178,6 +179,9 @@ class ClusterConfig(Section):
 
 class ReportConfig(Section):
     examples_per_cluster: int = Field(10, gt=0)
+    interactive: bool | None = Field(
+        None, description="an interactive trajectory view (Bokeh, inlined, offline); "
+                          "default: when the [interactive] extra is installed")
 
 
 class BinaryLabelConfig(Section):
@@ -264,22 +268,101 @@ class RunConfig(Section):
 
 # Config sections that define a trained run: a run directory keeps them for good.
 TRAINING_SECTIONS = ("seed", "source", "task", "model", "train", "checkpoints")
-# Config values that say where and how a run computes, not what: changing them recomputes
-# nothing (results agree to rounding; compute.dtype is an input of the stages it affects).
+# Config values that change only where or how fast a run computes, not what: a change of one
+# recomputes nothing (results agree to rounding; compute.dtype is an input of the stages it
+# affects).
 RUNTIME_KEYS = ("train.device", "compute.device", "executor.kind", "executor.address",
-                "executor.block_intervals")
+                "executor.block_intervals", "trajectories.batch_size", "decompose.batch_size",
+                "decompose.engine")
 
 
-def load_config(path: str | Path) -> RunConfig:
-    """Read and validate a TOML run config; every problem is reported with its key."""
+def config_changes(old: RunConfig, new: RunConfig) -> list[tuple[str, object, object]]:
+    """Every value that differs between two configs, as ``(dotted key, old, new)`` (nested
+    tables such as ``task.options`` key by key).
+
+    >>> a = RunConfig.model_validate({"name": "x", "cluster": {"min_samples": 5}})
+    >>> config_changes(a, a.model_copy(update={"seed": 1}))
+    [('seed', 0, 1)]
+    """
+    out: list[tuple[str, object, object]] = []
+
+    def walk(a, b, prefix: str) -> None:
+        if isinstance(a, dict) and isinstance(b, dict):
+            for key in [*a, *(k for k in b if k not in a)]:
+                walk(a.get(key), b.get(key), f"{prefix}.{key}" if prefix else str(key))
+        elif a != b:
+            out.append((prefix, a, b))
+
+    walk(old.model_dump(mode="json"), new.model_dump(mode="json"), "")
+    return out
+
+
+def parse_settings(items: list[str]) -> dict:
+    """``["basis.every=500", "decompose.batch_size=16"]`` (values in TOML, a bare word a
+    string) as nested config sections.
+
+    >>> parse_settings(["basis.every=500", "basis.kinds=['random']", "name=x"])
+    {'basis': {'every': 500, 'kinds': ['random']}, 'name': 'x'}
+    """
+    out: dict = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {item!r}: write SECTION.KEY=VALUE, e.g. basis.every=500")
+        try:
+            value = tomllib.loads(f"v = {text}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = text  # a bare word is a string
+        *sections, last = key.strip().split(".")
+        node = out
+        for section in sections:
+            node = node.setdefault(section, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {item!r}: {section} is a value, not a section")
+        node[last] = value
+    return out
+
+
+def merged(data: dict, overrides: dict) -> dict:
+    """``data`` with ``overrides`` (nested sections) set over it, key by key.
+
+    >>> merged({"basis": {"every": 200, "tol": 0.1}}, {"basis": {"every": 500}})
+    {'basis': {'every': 500, 'tol': 0.1}}
+    """
+    out = dict(data)
+    for key, value in overrides.items():
+        out[key] = (merged(out[key], value) if isinstance(value, dict)
+                    and isinstance(out.get(key), dict) else value)
+    return out
+
+
+def load_config(path: str | Path, overrides: dict | None = None) -> RunConfig:
+    """Read and validate a TOML run config, with ``overrides`` (nested sections, e.g. from
+    :func:`parse_settings`) set over it; every problem is reported with its key."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist; see configs/ for examples")
+        raise ConfigError(f"config file {path} does not exist; the shipped configs are in "
+                          f"{shipped_configs()} (e.g. demo-addition.toml)")
     try:
         data = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"{path} is not valid TOML: {err}") from None
-    return parse_config(data, source=str(path))
+    return parse_config(merged(data, overrides or {}), source=str(path))
+
+
+def shipped_configs() -> Path:
+    """The folder of the configs shipped inside the package (``configs/`` in the
+    repository links to it)."""
+    return Path(str(resources.files("polca") / "configs"))
+
+
+def shipped_config(name: str) -> Path:
+    """A shipped config by file name (``"demo-addition.toml"``)."""
+    path = shipped_configs() / name
+    if not path.is_file():
+        raise ConfigError(f"no shipped config {name!r} in {shipped_configs()}; there are "
+                          f"{sorted(p.name for p in shipped_configs().glob('*.toml'))}")
+    return path
 
 
 def parse_config(data: dict, source: str = "config") -> RunConfig:
@@ -290,15 +373,36 @@ def parse_config(data: dict, source: str = "config") -> RunConfig:
         for e in err.errors():
             key = ".".join(str(p) for p in e["loc"]) or "(top level)"
             if e["type"] == "extra_forbidden":
-                lines.append(f"  {key}: unknown key; remove it or fix its spelling")
+                lines.append(f"{key}: unknown key; remove it or fix its spelling")
             else:
-                lines.append(f"  {key}: {e['msg']} (got {e.get('input')!r})")
-        raise ConfigError(f"{source} has {len(lines)} problem(s):\n" + "\n".join(lines)) from None
+                lines.append(f"{key}: {e['msg']} (got {e.get('input')!r})")
+        raise ConfigError(f"{source}: " + "; ".join(lines)) from None
 
 
-def dump_config(cfg: RunConfig) -> str:
-    """The resolved config as TOML (written to runs/NAME/config.toml)."""
-    return _to_toml(cfg.model_dump(mode="json", exclude_none=True))
+# what a run of checkpoints made outside polca does not use: the sections that describe
+# training by polca (of `train`, only the device the analysis runs on), and the built-in
+# tasks' sizes
+UNUSED_OUTSIDE = {"model": None, "checkpoints": None, "train": ("device",),
+                  "task": ("kind", "options")}
+
+
+def dump_config(cfg: RunConfig, used_only: bool = False) -> str:
+    """The resolved config as TOML (written to runs/NAME/config.toml); ``used_only`` leaves
+    out what a run of outside checkpoints does not use (:data:`UNUSED_OUTSIDE`).
+
+    >>> cfg = RunConfig.model_validate({"name": "x", "source": {"kind": "hf", "path": "p"},
+    ...                                 "task": {"kind": "probe-file"}})
+    >>> "d_model" in dump_config(cfg), "d_model" in dump_config(cfg, used_only=True)
+    (True, False)
+    """
+    data = cfg.model_dump(mode="json", exclude_none=True)
+    if used_only and not cfg.trains:
+        for section, kept in UNUSED_OUTSIDE.items():
+            if kept is None:
+                data.pop(section, None)
+            else:
+                data[section] = {k: v for k, v in data[section].items() if k in kept}
+    return _to_toml(data)
 
 
 def _to_toml(data: dict, prefix: str = "") -> str:

@@ -1,4 +1,4 @@
-"""POLCA: projection-oriented loss change allocation (METHOD.md §4), as pure tensor functions.
+"""POLCA: projection-oriented loss change allocation (METHOD §4), as pure tensor functions.
 
 For one interval t → t+1 with Δθ_t = θ_{t+1} − θ_t and a basis ``vectors [m, d]``:
 

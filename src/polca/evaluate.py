@@ -32,8 +32,6 @@ Example:
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pandas as pd
 from sklearn.metrics import adjusted_rand_score, v_measure_score
@@ -248,24 +246,6 @@ def carry_table(labels_by_vector: dict, carry: np.ndarray, place: np.ndarray, to
     tens and hundreds places being the skill."""
     return label_table(labels_by_vector, carry, place, skill_groups=SKILL_PLACES, top=top,
                        per_vector=per_vector)
-
-
-def format_table(frame: pd.DataFrame, title: str = "", digits: int = 3) -> str:
-    """Plain-text table (floats rounded to ``digits``) with an optional title line."""
-    if frame is None or not len(frame):
-        body = "(empty)"
-    else:
-        shown = frame.copy()
-        for column in shown.columns:
-            shown[column] = [_cell(v, digits) for v in shown[column]]
-        body = shown.to_string(index=False)
-    return f"{title}\n{body}\n" if title else f"{body}\n"
-
-
-def _cell(value, digits: int):
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "-"
-    return f"{value:.{digits}f}" if isinstance(value, float) else value
 
 
 def _clustered(labels, values) -> tuple[np.ndarray, np.ndarray]:

@@ -153,7 +153,7 @@ def find(clusterings: Mapping[str, Mapping], scores: pd.DataFrame | None = None,
     estimators (Hessian basis first). ``skill_label`` names the binary label of ``skill``
     (the paper's table metric), e.g. ``carry``. See the module docstring for the inputs."""
     out = []
-    for name in sorted(clusterings, key=lambda n: _order(clusterings[n], n)):
+    for name in sorted(clusterings, key=lambda n: display_order(clusterings[n], n)):
         meta = clusterings[name]
         params = meta.get("params") or {}
         kind, basis = str(params.get("kind") or name), params.get("basis")
@@ -208,7 +208,7 @@ def _clusters_part(cov: Coverage, n_clusters: int, kind: str) -> str:
     where = (f" on {cov.kept_vectors} of {cov.vectors} {vectors}" if cov.vectors > 1 else "")
     unit = f"token-{vectors[:-1]} pairs" if cov.vectors > 1 else "tokens"
     return (f"{n_clusters} cluster{'s' * (n_clusters != 1)}{where} covering {cov.clustered:,} "
-            f"of {cov.total:,} {unit} ({_percent(cov.fraction)})")
+            f"of {cov.total:,} {unit} ({percent(cov.fraction)})")
 
 
 def _nothing_part(cov: Coverage) -> str:
@@ -340,9 +340,9 @@ def _coverage_flags(cov: Coverage, meta: Mapping) -> list[Flag]:
     flags = []
     if cov.fraction < MIN_COVERAGE:
         flags.append(Flag("low_coverage", (
-            f"only {_percent(cov.fraction)} of the tokens were clustered ({cov.clustered:,} of "
+            f"only {percent(cov.fraction)} of the tokens were clustered ({cov.clustered:,} of "
             f"{cov.total:,}; noise {cov.noise:,}, filtered {cov.filtered:,}, on dropped "
-            f"vectors {cov.dropped:,}), under {_percent(MIN_COVERAGE)}: its purities describe "
+            f"vectors {cov.dropped:,}), under {percent(MIN_COVERAGE)}: its purities describe "
             "a minority of the probe set")))
     n = int((meta.get("params") or {}).get("n_tokens") or 0)
     vectors = meta.get("vectors")
@@ -370,7 +370,7 @@ def _paper_curvature_flags(diagnostic: Mapping, n_tokens: int, numbers: dict) ->
         if small / checks > MAX_SMALL_DENOMINATOR_SHARE:
             flags.append(Flag("paper_curvature_unstable", (
                 f"the paper's curvature had a near-zero denominator in {small} of {checks} "
-                f"vector-intervals (over {_percent(MAX_SMALL_DENOMINATOR_SHARE)}), where its "
+                f"vector-intervals (over {percent(MAX_SMALL_DENOMINATOR_SHARE)}), where its "
                 "second-order term was set to zero")))
     rmse = diagnostic.get("rmse_paper_vs_exact_second_order")
     intervals = int(diagnostic.get("n_intervals") or 0)
@@ -454,11 +454,12 @@ FINDINGS_CSS = """
 .polca-findings { border: 1px solid #bbb; border-radius: 6px; padding: 0.6em 1.2em;
   margin: 1em 0; background: #fcfcfc; }
 .polca-findings h2 { margin-top: 0.2em; }
-.polca-findings table { border-collapse: collapse; font-size: 0.9em; margin: 0.5em 0; }
+.polca-findings table { border-collapse: collapse; font-size: 0.82em; margin: 0.5em 0; }
 .polca-findings th, .polca-findings td { border: 1px solid #ccc; padding: 0.15em 0.5em;
   text-align: left; vertical-align: top; }
 .polca-findings th { background: #f0f0f0; }
-.polca-findings td.problem { color: #a00; }
+.polca-findings td { white-space: nowrap; }
+.polca-findings td.problem { color: #a00; white-space: normal; min-width: 12em; }
 .polca-findings tr.meaningless td:not(.problem) { color: #777; }
 .polca-findings li { margin: 0.4em 0; }
 .polca-findings .meaningless { color: #555; }
@@ -505,7 +506,7 @@ def to_html(findings: Iterable[Finding], skill_label: str = "carry") -> str:
                          + (f'<ul class="flags">{flags}</ul>' if flags else "") + "</li>")
         body = (f"<p>{html.escape(overview(findings))}</p>" + table + "<ul>" + "".join(items)
                 + "</ul>")
-    return (f"<style>{FINDINGS_CSS}</style><section class=\"polca-findings\">"
+    return (f"<style>{FINDINGS_CSS}</style><section id=\"found\" class=\"polca-findings\">"
             f"<h2>What was found</h2>{body}</section>")
 
 
@@ -539,7 +540,9 @@ def _cluster_row(clusters: pd.DataFrame | None, best: pd.Series) -> pd.Series | 
     return rows.iloc[0] if len(rows) else None
 
 
-def _order(meta: Mapping, name: str) -> tuple:
+def display_order(meta: Mapping, name: str) -> tuple:
+    """Sort key of a clustering (its ``clusters/NAME.json`` and name): exact kinds, LCA,
+    Fisher, the POLCA estimators; within a kind the Hessian basis first."""
     params = meta.get("params") or {}
     kind, basis = params.get("kind") or name, params.get("basis")
     return (KIND_ORDER.index(kind) if kind in KIND_ORDER else len(KIND_ORDER),
@@ -559,11 +562,17 @@ def _paper(value: float | None, digits: int = 3) -> str:
     return "" if value is None else f" (paper {value:.{digits}f})"
 
 
-def _percent(fraction: float) -> str:
-    if math.isnan(fraction):
+def percent(fraction: float | None) -> str:
+    """A fraction as a percentage: whole percent rounded down (so a share just under a
+    threshold never reads as the threshold), one significant digit under 1 %.
+
+    >>> percent(0.8), percent(0.2496), percent(0.0093), percent(None)
+    ('80%', '24%', '0.9%', '–')
+    """
+    if fraction is None or math.isnan(fraction):
         return "–"
-    return f"{100 * fraction:.0f}%" if fraction >= 0.01 or fraction == 0 else \
-        f"{100 * fraction:.1g}%"
+    return f"{math.floor(100 * fraction + 1e-9):.0f}%" if fraction >= 0.01 or fraction == 0 \
+        else f"{100 * fraction:.1g}%"
 
 
 def _fraction(value: float) -> str:
@@ -585,13 +594,15 @@ def _cells(numbers: dict) -> dict[str, str]:
     cells = {"clusters": str(n), "coverage": "", "follows": "", "skill": "", "hidden": ""}
     if not n:
         return cells
-    cells["coverage"] = _percent(numbers["coverage"])
+    cells["coverage"] = percent(numbers["coverage"])
     if "label" in numbers:
         cells["follows"] = (f"{numbers['label']} {numbers['purity']:.2f} "
                             f"(chance {numbers['chance']:.2f})")
     if "skill_homogeneity" in numbers:
         cells["skill"] = (f"{numbers['skill_homogeneity']:.2f}"
-                          f"{_paper(numbers['paper_homogeneity'], 2)}")
+                          f"{_paper(numbers['paper_homogeneity'], 2)}"
+                          + (f", breaks at {numbers['skill_break_step']:.0f}"
+                             if numbers.get("skill_break_step") is not None else ""))
     if "n_hidden" in numbers:
         cells["hidden"] = f"{numbers['n_hidden']}/{n}{_paper(numbers['paper_hidden_fraction'], 2)}"
     return cells

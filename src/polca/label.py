@@ -58,7 +58,8 @@ def load_pipeline(name: str | None = None):
         import spacy
     except ImportError:
         raise RuntimeError("POS labels need spaCy and an English pipeline: pip install "
-                           "'polca[text]' (or set task.options.pos_tags = false)") from None
+                           "'polca-breakthroughs[text]' (or set task.options.pos_tags = "
+                           "false)") from None
     for candidate in [name] if name else PIPELINES:
         try:
             return spacy.load(candidate, exclude=list(UNUSED_COMPONENTS))

@@ -25,10 +25,12 @@ Layout::
       evaluation/TABLE.csv, summary.json scores, clusters, carry, hidden (and any other table)
       evaluation/pos_clusters.parquet    POS labels of every cluster (text runs)
       report/index.html, *.png           the self-contained page and its figures
+      report/summary.json                what the run found (the page's first screen) as data
       tokenizer.json                     the text task's tokenizer (text runs)
       .progress/ARRAY/BLOCK              one empty marker per array block written completely
       .progress/inputs/PRODUCT.json      the inputs each product was computed from
       .progress/file-hashes.json         content hashes of outside checkpoint files
+      .progress/times.json               how long each stage last worked, on what machine
       .lock                              held by the one process working on the run
 
 Resumption. A stage writes one block (a checkpoint or an interval) at a time and only then
@@ -806,8 +808,12 @@ class RunDir:
 
     # -- diagnostics ---------------------------------------------------------------------------
     def write_diagnostics(self, name: str, summary: dict) -> None:
-        """``diagnostics/<basis>.json``: the decompose stage's summary of one basis."""
-        atomic_write_json(self.diagnostics / f"{name}.json", summary)
+        """``diagnostics/<basis>.json``: the decompose stage's summary of one basis (left
+        untouched when it already holds the same summary)."""
+        path = self.diagnostics / f"{name}.json"
+        if path.is_file() and read_json(path) == json.loads(json.dumps(summary)):
+            return
+        atomic_write_json(path, summary)
 
     def read_diagnostics(self) -> dict[str, dict]:
         """``{basis: summary}`` of :class:`~polca.decompose.DecompositionDiagnostics`."""
@@ -829,6 +835,12 @@ class RunDir:
             return []
         return sorted(p.stem for p in self.clusters.glob("*.json")
                       if (self.clusters / f"{p.stem}.parquet").is_file())
+
+    def clustering_infos(self) -> dict[str, dict]:
+        """``{name: clusters/NAME.json}`` (parameters and counts) of every complete
+        clustering, read without its labels."""
+        return {name: read_json(self.clusters / f"{name}.json")
+                for name in self.clustering_names()}
 
     def has_clustering(self, name: str) -> bool:
         """Whether clustering ``name`` is complete."""
@@ -946,7 +958,12 @@ class RunDir:
 
     # -- report --------------------------------------------------------------------------------
     def write_report(self, page: str, figures: Mapping[str, bytes]) -> Path:
-        """``report/index.html`` and its figures beside it (PNG bytes by file name)."""
+        """``report/index.html`` and its figures beside it (PNG bytes by file name); figures
+        of an earlier report that this one does not have are removed."""
+        if self.report.is_dir():
+            for old in self.report.glob("*.png"):
+                if old.name not in figures:
+                    old.unlink()
         for name, png in figures.items():
             atomic_write_bytes(self.report / name, png)
         path = self.report_path()
@@ -956,6 +973,33 @@ class RunDir:
     def report_path(self) -> Path:
         """Where the report page is (or will be)."""
         return self.report / "index.html"
+
+    def write_summary(self, summary: dict) -> None:
+        """``report/summary.json``: the run's identity and findings as data (written with the
+        page; the documentation's measured numbers are rendered from it)."""
+        atomic_write_json(self.report / "summary.json", summary)
+
+    def read_summary(self) -> dict | None:
+        """``report/summary.json``, or None before the report stage ran."""
+        path = self.report / "summary.json"
+        return read_json(path) if path.is_file() else None
+
+    # -- stage times ---------------------------------------------------------------------------
+    def record_time(self, stage: str, seconds: float) -> None:
+        """Record that ``stage`` just worked ``seconds`` (wall clock), with the machine's CPU
+        count, torch's thread count and the 1-minute load average, in
+        ``.progress/times.json``."""
+        path = self.progress / "times.json"
+        times = read_json(path) if path.is_file() else {}
+        times[stage] = {"seconds": round(float(seconds), 1), "cpus": os.cpu_count(),
+                        "threads": torch.get_num_threads(),
+                        "load": round(os.getloadavg()[0], 2)}
+        atomic_write_json(path, times)
+
+    def stage_times(self) -> dict[str, dict]:
+        """``{stage: {seconds, cpus, load}}`` of the stages that recorded a time."""
+        path = self.progress / "times.json"
+        return read_json(path) if path.is_file() else {}
 
     # -- input fingerprints --------------------------------------------------------------------
     def _inputs_path(self, product: str) -> Path:

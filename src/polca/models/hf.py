@@ -72,8 +72,8 @@ try:
     from transformers.utils import logging as hf_logging
 except ImportError as err:  # pragma: no cover - exercised only without the extra
     raise ImportError(
-        "polca.models.hf needs transformers: pip install 'polca[hf]' (or pip install "
-        f"transformers) ({err})"
+        "polca.models.hf needs transformers: pip install 'polca-breakthroughs[hf]' (or pip "
+        f"install transformers) ({err})"
     ) from None
 
 # config.json keys that fix the parameter shapes and the forward computation

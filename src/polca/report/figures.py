@@ -32,7 +32,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
-from polca.findings import MIN_COVERAGE
+from polca.findings import MIN_COVERAGE, percent
 
 COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2",
           "#7f7f7f", "#bcbd22", "#17becf")
@@ -90,7 +90,7 @@ def mark_tau(ax, tau: float | None) -> None:
     """τ as a dotted line, its legend entry saying what it means."""
     if tau is not None and np.isfinite(tau):
         ax.axvline(float(tau), **TAU_STYLE,
-                   label=f"τ = step {tau:g}: mean loss flat after; a later break is hidden")
+                   label=f"τ = step {tau:g}: mean loss flat after;\na later break is hidden")
 
 
 def _mark_breaks(ax, breaks: Mapping | Sequence | None, colors: Mapping | None = None,
@@ -180,14 +180,16 @@ def accuracy_curves(steps, correct, groups=None, group_name: str = "group") -> F
 
 
 def cluster_trajectories(steps, projected, loss, labels, top: int = 3, breaks=None,
-                         title: str = "", tau: float | None = None) -> Figure:
+                         title: str = "", tau: float | None = None,
+                         delta: float | None = None) -> Figure:
     """Paper Fig. 4: the mean projected-loss trajectory of each of the ``top`` largest clusters
     (left) and the mean exact loss of the same tokens (right).
 
     ``projected`` and ``loss`` are ``[tokens, checkpoints]``; ``labels`` ``[tokens]`` holds
     cluster ids (negative: noise or filtered out, not drawn). ``breaks`` maps a cluster id to
-    its break step, drawn as a dashed line in the cluster's colour on both panels; ``tau`` as a
-    dotted line. With no cluster the figure is a one-line note.
+    its break step, drawn as a dashed line in the cluster's colour on both panels (``delta``,
+    the Δ of the break times in steps, is named in its legend entry); ``tau`` as a dotted line.
+    With no cluster the figure is a one-line note.
     """
     steps = np.asarray(steps)
     projected, loss = np.asarray(projected, dtype=float), np.asarray(loss, dtype=float)
@@ -216,8 +218,10 @@ def cluster_trajectories(steps, projected, loss, labels, top: int = 3, breaks=No
     right.set(xlabel=STEP, ylabel=NATS, title="exact loss of the same tokens")
     handles = right.get_legend_handles_labels()[0]
     if shown:
+        how = ("" if delta is None else
+               f"\n(its tokens' largest loss acceleration,\nΔ = {delta:g} steps, averaged)")
         handles.append(Line2D([], [], color="0.3", **BREAK_STYLE,
-                              label="dashed: the cluster's mean break step"))
+                              label=f"dashed: the cluster's mean break step{how}"))
     legend(right, handles)
     if title:
         fig.suptitle(title)
@@ -228,7 +232,7 @@ def _coverage_text(coverage) -> str:
     """``(clustered, total)`` as "clusters cover 157 of 1,200 tokens (13 %)"."""
     clustered, total = coverage
     share = clustered / total if total else float("nan")
-    return f"clusters cover {clustered:,} of {total:,} tokens ({100 * share:.0f} %)"
+    return f"clusters cover {clustered:,} of {total:,} tokens ({percent(share)})"
 
 
 def composition_bars(labels, token_labels: pd.DataFrame, top: int | None = 8,
@@ -304,7 +308,11 @@ def homogeneity_bars(table: pd.DataFrame, chance: Mapping[str, float] | None = N
         handles.append(bars)
         if chance and column in chance:
             ax.axhline(chance[column], color=_color(i), linestyle=":", linewidth=1.2)
-    names = [str(name) if name not in coverage else f"{name}\n{100 * coverage[name]:.0f} % covered"
+    for j, name in enumerate(table.index):  # a clustering without clusters has no bar
+        if not np.isfinite(table.loc[name].to_numpy(float)).any():
+            ax.text(x[j], 0.02, "no clusters", rotation=90, ha="center", va="bottom",
+                    fontsize=LEGEND_FONTSIZE, color="0.4")
+    names = [str(name) if name not in coverage else f"{name}\n{percent(coverage[name])} covered"
              for name in table.index]
     ax.set_xticks(x, names, rotation=30, ha="right")
     ax.set(ylim=(0, 1.05), ylabel="homogeneity (fraction)", title=title,
@@ -321,21 +329,37 @@ def homogeneity_bars(table: pd.DataFrame, chance: Mapping[str, float] | None = N
 
 def interval_series(x, series: Mapping[str, Sequence[float]], ylabel: str, title: str,
                     xlabel: str = "interval end (training step)",
-                    reference: tuple[float, str] | None = None) -> Figure:
+                    reference: tuple[float, str] | None = None,
+                    floor: float | None = None) -> Figure:
     """Lines of per-interval diagnostics, e.g. the fraction of |ΔL| a basis explains, one line
     per entry of ``series`` (name → ``[intervals]`` values) against ``x`` ``[intervals]``.
     ``reference`` (value, meaning) is a horizontal line with its meaning in the legend, e.g.
-    ``(0, "0: explains no more than nothing")``; series with no finite value are not drawn."""
-    drawn = {name: values for name, values in series.items() if _finite(values)}
+    ``(0, "0: explains no more than nothing")``; series with no finite value are not drawn.
+    ``floor``: the lowest value on the axis; values below it are drawn at it as ▼ and the
+    series' legend entry gives its lowest value, so one extreme series does not flatten the
+    others."""
+    drawn = {name: np.asarray(values, dtype=float) for name, values in series.items()
+             if _finite(values)}
     if not drawn:
         return note_figure(f"{title}: no finite values to draw")
     fig, axes = _figure(width=8.5)
     ax = axes[0, 0]
     x = np.asarray(x)
+    lowest = min(float(np.nanmin(v)) for v in drawn.values())
+    clipped = floor is not None and lowest < floor
     for i, (name, values) in enumerate(drawn.items()):
-        ax.plot(x, np.asarray(values, dtype=float), color=_color(i), marker=".", label=name)
+        below = clipped & (values < floor) if clipped else np.zeros(len(values), bool)
+        label = name + (f" (lowest {np.nanmin(values):.3g}: ▼ off the scale)"
+                        if below.any() else "")
+        ax.plot(x, np.where(below, floor, values), color=_color(i), marker=".", label=label)
+        if below.any():
+            ax.plot(x[below], np.full(below.sum(), floor), linestyle="none", marker="v",
+                    color=_color(i), markersize=7)
     if reference is not None:
         ax.axhline(reference[0], color="0.3", linestyle="-", linewidth=0.8, label=reference[1])
+    if clipped:
+        top = max(float(np.nanmax(v)) for v in drawn.values())
+        ax.set_ylim(floor - 0.05 * (max(top, 0) - floor), None)
     ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
     legend(ax)
     return fig

@@ -1,9 +1,17 @@
 """The run report: one self-contained HTML page (``report/index.html``) with its figures.
 
-The page inlines its CSS and its figures (base64 PNG), loads nothing from the network and runs
-no script, so it can be mailed or archived as one file; each figure is also saved beside it as
-a PNG. It reads whatever stages have written: a section whose inputs are absent is replaced by
-a note saying which stage writes them, so a report can be made at any point of a run.
+The first screen says what the run is (one line) and what it found (:mod:`polca.findings`:
+an overview paragraph, a table of the headline numbers with every red flag, one sentence per
+trajectory kind); then come the reproduction table (addition runs), the clusters, training,
+the decomposition diagnostics, the progress measures, the evaluation tables and the basis;
+the configuration last. The same findings are written as data to ``report/summary.json``.
+
+The page inlines its CSS and its figures (base64 PNG) and loads nothing from the network, so
+it can be mailed or archived as one file; each figure is also saved beside it as a PNG. It runs
+no script, except the interactive trajectory view when Bokeh is installed (the
+``[interactive]`` extra; ``report.interactive = false`` turns it off), whose library is inlined
+too. It reads whatever stages have written: a section whose inputs are absent is one line
+saying which stage writes them, so a report can be made at any point of a run.
 
 Example:
     >>> write_report("runs/demo-addition")  # doctest: +SKIP
@@ -21,12 +29,17 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import tomllib
 from matplotlib.figure import Figure
 
+from polca.config import dump_config, parse_config
 from polca.evaluate import label_scores
-from polca.report import figures
+from polca.findings import coverage, display_order, percent, to_html
+from polca.report import figures, interactive
 from polca.report.markup import details, esc, flatten, fmt, note, table
 from polca.report.plateau import breaks_section, plateau_figure
+from polca.report.reproduction import DIAGNOSTICS_NOTE
+from polca.report.summary import SKILL_LABEL, identity_line, read_findings, run_summary
 from polca.report.text import add_text_section
 from polca.store import (
     CORRECT,
@@ -41,6 +54,9 @@ from polca.store import (
 LONG_TABLE = 30  # evaluation tables with more rows start folded
 # A label with more distinct values is not drawn as groups of curves (digit: 10 is fine).
 MAX_GROUPS = 12
+# A label with more distinct values is not a category to score purity against (POS tags: 17
+# are; POS 4-grams: thousands are not).
+MAX_CATEGORIES = 50
 
 CSS = """
 body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 0 auto;
@@ -58,14 +74,19 @@ details { margin: 0.4em 0; border: 1px solid #ddd; border-radius: 4px; padding: 
 summary { cursor: pointer; font-weight: 600; } .hidden { color: #b00; font-weight: 600; }
 code { background: #f3f3f3; padding: 0 0.2em; } .scroll { overflow-x: auto; }
 td.nowrap { white-space: nowrap; text-align: left; font-family: monospace; }
+p.identity { font-size: 1.05em; margin: 0.3em 0 0.6em; }
+nav.toc { font-size: 0.9em; color: #555; } nav.toc a { margin-right: 0.9em; }
 """
 
 
 @dataclass
 class Page:
-    """Sections of the page and the figures they show, collected before writing."""
+    """Sections of the page and the figures they show, collected before writing; ``head`` is
+    the HTML above the table of contents (the identity line and the findings)."""
 
     title: str
+    head: str = ""
+    scripts: str = ""  # inline scripts for the <head> (the interactive view's library)
     sections: list[tuple[str, str, str]] = field(default_factory=list)  # (anchor, title, html)
     figures: dict[str, bytes] = field(default_factory=dict)  # file name -> PNG
 
@@ -86,18 +107,20 @@ class Page:
         return f'<img src="data:image/png;base64,{encoded}" alt="{esc(alt)}">'
 
     def render(self) -> str:
-        toc = "".join(f'<li><a href="#{a}">{esc(t)}</a></li>' for a, t, _ in self.sections)
+        toc = "".join(f'<a href="#{a}">{esc(t)}</a>' for a, t, _ in self.sections)
         body = "".join(f'<section id="{a}"><h2>{esc(t)}</h2>{b}</section>'
                        for a, t, b in self.sections)
         return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
                 f'<meta name="viewport" content="width=device-width, initial-scale=1">'
-                f"<title>{esc(self.title)}</title><style>{CSS}</style></head><body>"
-                f"<h1>{esc(self.title)}</h1><nav><ul>{toc}</ul></nav>{body}</body></html>\n")
+                f"<title>{esc(self.title)}</title><style>{CSS}</style>{self.scripts}"
+                f"</head><body>"
+                f"<h1>{esc(self.title)}</h1>{self.head}"
+                f'<nav class="toc">Sections: {toc}</nav>{body}</body></html>\n')
 
 
 def write_report(run_dir, max_vectors: int = 6, examples: int | None = None) -> Path:
-    """Write ``report/index.html`` (and its figures as PNG beside it) for the run ``run_dir``
-    (a path or a :class:`~polca.store.RunDir`).
+    """Write ``report/index.html`` (its figures as PNG beside it) and ``report/summary.json``
+    for the run ``run_dir`` (a path or a :class:`~polca.store.RunDir`).
 
     ``max_vectors``: per clustering, how many basis vectors get figures (the first kept ones;
     every vector still gets its cluster table). ``examples``: example tokens per cluster
@@ -107,17 +130,28 @@ def write_report(run_dir, max_vectors: int = 6, examples: int | None = None) -> 
     data = RunData(run)
     if examples is None:
         examples = run.config_value(("report", "examples_per_cluster"), 10)
-    page = Page(f"polca report: {run.config_value(('name',), run.root.name)}")
-    page.add("Configuration", config_section(data))
+    found = read_findings(run)
+    facts = run_summary(run, found)
+    page = Page(f"polca report: {facts['run']['name']}")
+    page.head = (f'<p class="identity">{esc(identity_line(facts["run"]))}</p>'
+                 + to_html(found, skill_label=SKILL_LABEL))
+    if facts["reproduction"] is not None:
+        page.add("Reproduction of the paper's addition table",
+                 reproduction_section(facts["reproduction"]))
+    page.add("Clusters", clusters_section(data, page, max_vectors, examples))
+    if run.config_value(("report", "interactive"), None) is not False and interactive.available():
+        page.add("Trajectories, interactive", interactive_section(data, page))
+    add_text_section(page, run, examples)
     page.add("Training", training_section(data, page))
+    page.add("Decomposition diagnostics", diagnostics_section(data, page))
     page.add("Progress measures", measures_section(data, page) + breaks_section(
         run, page.figure, run.config_value(("cluster", "top_clusters"), 3)))
+    page.add("Evaluation tables", evaluation_section(data))
     page.add("Basis provenance", basis_section(data))
-    page.add("Decomposition diagnostics", diagnostics_section(data, page))
-    page.add("Evaluation", evaluation_section(data))
-    page.add("Clusters", clusters_section(data, page, max_vectors, examples))
-    add_text_section(page, run, examples)
-    return run.write_report(page.render(), page.figures)
+    page.add("Configuration", config_section(data))
+    path = run.write_report(page.render(), page.figures)
+    run.write_summary(facts)
+    return path
 
 
 # -- reading the run directory ------------------------------------------------------------------
@@ -127,6 +161,11 @@ class RunData:
 
     def __init__(self, run: RunDir):
         self.run = run
+
+    @cached_property
+    def outside(self) -> bool:
+        """Whether the checkpoints were made outside polca (nothing to train, no measures)."""
+        return self.run.config_value(("source", "kind"), "train") != "train"
 
     @cached_property
     def manifest(self) -> list[dict] | None:
@@ -139,6 +178,14 @@ class RunData:
     @cached_property
     def sequences(self) -> pd.DataFrame | None:
         return self.run.read_sequences() if self.run.has_probe() else None
+
+    @cached_property
+    def problems(self) -> pd.Series | None:
+        """Per token, the text of its whole probe sequence (when the sequences have one)."""
+        tokens, sequences = self.tokens, self.sequences
+        if tokens is None or sequences is None or "text" not in sequences:
+            return None
+        return tokens["sequence"].map(dict(zip(sequences["sequence"], sequences["text"])))
 
     def label_columns(self) -> list[str]:
         tokens = self.tokens
@@ -176,10 +223,17 @@ class RunData:
 
 # -- sections -----------------------------------------------------------------------------------
 def config_section(data: RunData) -> str:
+    """The resolved config; an outside run's without the sections it does not use (model,
+    training and checkpoints describe training by polca)."""
     text = data.run.config_text()
     if text is None:
         return note("no config.toml in the run directory")
-    return f"<p>The resolved config of this run (<code>config.toml</code>):</p><pre>{esc(text)}</pre>"
+    if not data.outside:
+        return (f"<p>The resolved config of this run (<code>config.toml</code>):</p>"
+                f"<pre>{esc(text)}</pre>")
+    return ("<p>The config sections this run uses (<code>config.toml</code> also holds "
+            "the defaults of the sections that describe training by polca):</p>"
+            f"<pre>{esc(dump_config(parse_config(tomllib.loads(text)), used_only=True))}</pre>")
 
 
 def training_section(data: RunData, page: Page) -> str:
@@ -190,6 +244,8 @@ def training_section(data: RunData, page: Page) -> str:
         rows = [("checkpoints", len(manifest)), ("first step", manifest[0]["step"]),
                 ("final step", last["step"]), ("final train loss", last.get("train_loss"))]
         parts.append(table(pd.DataFrame(rows, columns=["quantity", "value"]), "Training run"))
+    elif data.outside:
+        parts.append(source_table(data))
     else:
         parts.append(note("no checkpoints/manifest.json: run `polca train`"))
     tokens, loss, steps = data.tokens, data.array(LOSS), data.steps()
@@ -234,8 +290,24 @@ def final_accuracy(tokens: pd.DataFrame, correct: np.ndarray, group: str | None)
     return table(frame, "Accuracy at the final checkpoint")
 
 
+def source_table(data: RunData) -> str:
+    """The checkpoint series of an outside run, as its source described it (``source.json``)."""
+    source = data.run.read_source() or {}
+    checkpoints = source.get("checkpoints") or []
+    if not checkpoints:
+        return note("checkpoints made outside polca (no description recorded)")
+    frame = pd.DataFrame([{k: v for k, v in c.items() if not isinstance(v, (dict, list))}
+                          for c in checkpoints])
+    return details(f"{len(frame)} checkpoints made outside polca (source.json)",
+                   table(frame, "Checkpoints of the series"))
+
+
 def measures_section(data: RunData, page: Page) -> str:
-    """The progress measures per checkpoint (METHOD §8), as the measures stage draws them."""
+    """The progress measures per checkpoint (docs/method.md §8), as the measures stage draws
+    them."""
+    if data.outside:
+        return note("progress measures need polca's own decoder (greedy generation, hidden "
+                    "states, attention): none for checkpoints made outside polca")
     if not data.run.has_measures():
         return note("no progress measures: run `polca measures`")
     table_ = data.run.read_measures()
@@ -291,43 +363,68 @@ def diagnostics_section(data: RunData, page: Page) -> str:
                                             for v in series.values()):
         parts.append(page.figure("diagnostics_explained", figures.interval_series(
             steps[1:], series, ylabel="fraction of |ΔL| explained",
-            title="Fraction of the exact loss change explained, per interval"),
+            title="Fraction of the exact loss change explained, per interval",
+            reference=(0.0, "0: no better than allocating nothing"), floor=-1.0),
             "fraction of |ΔL| explained per interval"))
     return "".join(parts)
 
 
 def evaluation_section(data: RunData) -> str:
+    """Every evaluation table (the scores with the coverage of each clustering beside its
+    purities); a table without rows is left out."""
     names = data.run.evaluation_names()  # the reproduction tables first
     if not names:
         return note("no evaluation/*.csv: run `polca evaluate`")
     parts = []
+    n_tokens = len(data.tokens) if data.tokens is not None else None
     for name in names:
         try:
             frame = data.run.read_evaluation_table(name)
-        except (pd.errors.ParserError, UnicodeDecodeError) as err:
-            parts.append(note(f"{name}.csv: unreadable ({err})"))
+        except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
+            parts.append(note(f"evaluation/{name}.csv cannot be read ({err}); run "
+                              "`polca evaluate` again"))
             continue
-        if frame is None:
-            parts.append(note(f"{name}.csv: unreadable (No columns to parse from file)"))
+        if frame is None or not len(frame):
             continue
+        if name == "scores" and n_tokens and "n_clustered" in frame:
+            frame.insert(list(frame.columns).index("n_clustered") + 1, "coverage",
+                         frame["n_clustered"] / n_tokens)
         rendered = table(frame, name.replace("_", " ").replace("-", " "))
         parts.append(rendered if len(frame) <= LONG_TABLE else details(
             f"evaluation/{name}.csv: {len(frame)} rows", rendered))
+    return "".join(parts) or note("every evaluation table is empty")
+
+
+def reproduction_section(tables: dict) -> str:
+    """The paper's addition table with ours beside it, and the decomposition diagnostics
+    (:func:`polca.report.reproduction.reproduction_tables`)."""
+    carry = tables["carry"]
+    parts = [
+        ("<p>The paper's carry metric (Appendix G): the share of carry tokens in the most "
+         "homogeneous eligible cluster (top 3 for POLCA kinds: the best of each of the three "
+         "best vectors), with its recall and F1; “–”: no eligible cluster. Read it with the "
+         "coverage and flags of each row in <a href=\"#found\">What was found</a>.</p>"),
+        table(pd.DataFrame(carry["rows"], columns=carry["header"]),
+              "Ours beside the paper's numbers", text_columns=carry["header"])]
+    if "diagnostics" in tables:
+        diagnostics = tables["diagnostics"]
+        parts.append(table(pd.DataFrame(diagnostics["rows"], columns=diagnostics["header"]),
+                           DIAGNOSTICS_NOTE, text_columns=diagnostics["header"]))
     return "".join(parts)
 
 
 # -- clusters -----------------------------------------------------------------------------------
 def clusters_section(data: RunData, page: Page, max_vectors: int, examples: int) -> str:
     clusterings, problems = data.run.read_clusterings()
+    clusterings.sort(key=lambda c: display_order(c.info, c.name))  # as in What was found
     tokens = data.tokens
     if not clusterings or tokens is None:
         return note("no clusters/*.parquet: run `polca cluster`") + "".join(map(note, problems))
     labels_cols = [c for c in data.label_columns() if tokens[c].nunique() <= MAX_GROUPS]
-    parts = [*map(note, problems), homogeneity_overview(clusterings, tokens, labels_cols, page)]
-    sequences = data.sequences
-    problems = None
-    if sequences is not None and "text" in sequences:
-        problems = tokens["sequence"].map(dict(zip(sequences["sequence"], sequences["text"])))
+    categories = [c for c in data.label_columns() if tokens[c].nunique() <= MAX_CATEGORIES]
+    parts = [*map(note, problems), homogeneity_overview(clusterings, tokens, categories, page,
+                                                       data.label_columns())]
+    problems = data.problems
     loss, steps = data.array(LOSS), data.steps()
     for clustering in clusterings:
         blocks = [params_table(clustering)]
@@ -348,13 +445,39 @@ def clusters_section(data: RunData, page: Page, max_vectors: int, examples: int)
     return "".join(parts)
 
 
+def interactive_section(data: RunData, page: Page) -> str:
+    """Every token's exact-loss trajectory, coloured by the exact-loss clustering, its token
+    shown on hover (:mod:`polca.report.interactive`)."""
+    tokens, loss, steps = data.tokens, data.array(LOSS), data.steps()
+    if tokens is None or loss is None or steps is None or loss.shape[1] != len(steps):
+        return note("no exact token losses: run `polca trajectories`")
+    names = data.run.clustering_names()
+    labels = (data.run.read_clustering("loss").labels(None, len(tokens)) if "loss" in names
+              else np.full(len(tokens), -1))
+    problems = data.problems
+    label_cols = [c for c in data.label_columns() if tokens[c].nunique() <= MAX_CATEGORIES]
+    hover = [example_text(tokens, problems, i) + "".join(
+        f", {c} {tokens[c].iloc[i]}" for c in label_cols) for i in range(len(tokens))]
+    head, body = interactive.trajectory_view(
+        steps, loss, labels, hover, title="Exact loss of every probe token, coloured by the "
+                                          "exact-loss clusters (grey: noise)")
+    page.scripts = head
+    return ("<p>Hover a line to see its token (context → target [full problem]) and "
+            "labels; drag to pan, scroll to zoom.</p>" + body)
+
+
 def homogeneity_overview(clusterings: list[Clustering], tokens: pd.DataFrame,
-                         label_cols: list[str], page: Page) -> str:
+                         label_cols: list[str], page: Page, all_labels=()) -> str:
     """Size-weighted purity per label for each clustering (its vectors pooled, each token
-    counted once per vector it was clustered on), with the chance level beside it."""
+    counted once per vector it was clustered on), with the chance level and the coverage
+    (clustered / all token-vector pairs, :func:`polca.findings.coverage`) beside it."""
     if not label_cols:
-        return note("the probe tokens carry no labels: no homogeneity to show")
-    rows, chance = {}, {}
+        many = [c for c in all_labels if c not in label_cols]
+        return note("no label with at most "
+                    f"{MAX_CATEGORIES} values to score the clusters' homogeneity against"
+                    + (f" (the labels {', '.join(many)} have more; see the POS-labelled "
+                       "clusters)" if many else " (the probe tokens carry no labels)"))
+    rows, chance, covered = {}, {}, {}
     for clustering in clusterings:
         row = {}
         for column in label_cols:
@@ -366,12 +489,15 @@ def homogeneity_overview(clusterings: list[Clustering], tokens: pd.DataFrame,
             row[column] = scores["weighted_purity"]
             chance[column] = float(tokens[column].value_counts(normalize=True).max())
         rows[clustering.name] = row
+        covered[clustering.name] = coverage(clustering.info).fraction
     frame = pd.DataFrame.from_dict(rows, orient="index")
-    img = page.figure("homogeneity", figures.homogeneity_bars(frame, chance),
-                      "cluster homogeneity by label")
-    return img + table(frame.reset_index(names="clustering"),
-                       "Size-weighted homogeneity (purity) of clusters, by label; "
-                       f"chance: {', '.join(f'{k} {v:.3f}' for k, v in chance.items())}")
+    img = page.figure("homogeneity", figures.homogeneity_bars(frame, chance, coverage=covered),
+                      "cluster homogeneity by label, with the coverage of each clustering")
+    shown = frame.assign(coverage=[percent(covered[n]) for n in frame.index]).reset_index(
+        names="clustering")
+    return img + table(shown, "Size-weighted homogeneity (purity) of clusters, by label, and "
+                       "coverage (clustered / all tokens, over every vector); chance: "
+                       f"{', '.join(f'{k} {v:.3f}' for k, v in chance.items())}")
 
 
 def params_table(clustering: Clustering) -> str:
@@ -406,16 +532,19 @@ def vector_block(data: RunData, clustering: Clustering, vector, labels: np.ndarr
                      or TRAJECTORY_KINDS.get(clustering.kind, TRAJECTORY_KINDS["loss"]).source
                      == "loss" else data.projected(clustering.kind, clustering.basis,
                                                    int(vector)))
+        tau, delta = clustering.params.get("tau"), clustering.params.get("delta")
         if projected is not None and projected.shape == loss.shape:
             parts.append(page.figure(name, figures.cluster_trajectories(
-                steps, projected, loss, labels, breaks=dict(break_steps), title=title), title))
+                steps, projected, loss, labels, breaks=dict(break_steps), title=title,
+                tau=tau, delta=delta), title))
         else:
             top = [c for c in pd.Series(labels[labels >= 0]).value_counts().index[:3]]
             groups = np.where(np.isin(labels, top), labels, -1).astype(object)
             groups[groups == -1] = None
             parts.append(page.figure(name, figures.loss_curves(
                 steps, loss, groups, "cluster",
-                breaks={c: s for c, s in dict(break_steps).items() if c in top},
+                breaks={**{c: s for c, s in dict(break_steps).items() if c in top},
+                        "tau": tau},
                 title=f"{title}: exact loss of the top clusters"), title))
         if label_cols:
             parts.append(page.figure(name + "_composition", figures.composition_bars(

@@ -73,9 +73,12 @@ def text_section(run, table_: pd.DataFrame | None = None, examples: int = 10) ->
         "</p>"),
         table(label_summary(table_), "Clusters with a simple POS label, per clustering",
               digits=3),
-        table(labels_found(table_), "Simple POS labels found, over all clusterings "
-              "(coverage: their tokens / all clustered tokens)", digits=3),
     ]
+    found = labels_found(table_)
+    parts.append(table(found, "Simple POS labels found, over all clusterings (coverage: their "
+                              "tokens / all clustered tokens)", digits=3) if len(found) else
+                 note("no cluster has a simple POS label (at most two tags at each of the "
+                      "four positions)"))
     exact = _exact_name(table_)
     exact_html = (_cluster_table(table_[table_["name"] == exact], f"exact {exact} clusters")
                   if exact else note("no exact-loss clustering to compare with"))

@@ -11,9 +11,9 @@ from __future__ import annotations
 import warnings
 
 import torch
-from tqdm.auto import tqdm
 
 from polca import bases
+from polca import progress as P
 from polca.bases import Basis, BasisError
 from polca.curvature import Algorithm1Options, BasisCheckpoint
 from polca.parallel import ShardedHessian
@@ -110,6 +110,7 @@ def run_basis(ctx: RunContext, progress: bool = True) -> dict[str, Basis]:
                     exists=run.has_basis(kind) or run.has_basis(kind, partial=True))
         if run.has_basis(kind):
             built[kind] = run.load_basis(kind, dim=loss.space.dim)
+            P.bar(progress, 1, 1, f"basis {kind}", "basis").close()
             continue
         if kind in ("hessian", "shuffled-hessian"):
             checkpoints = [BasisCheckpoint(i, steps[i], theta_at(i)) for i in positions]
@@ -160,8 +161,7 @@ def _algorithm_one(run, kind, loss, checkpoints, sample, options, params, progre
     partial = _load_partial(run, kind, loss.space.dim, params)
     n_done = len({e["checkpoint"] for e in partial.provenance}) if partial else 0
     n_used = min(len(checkpoints), -(-options.max_vectors // options.per_checkpoint))
-    bar = tqdm(total=n_used, initial=n_done, desc=f"basis {kind}", unit="ckpt",
-               disable=not progress)
+    bar = P.bar(progress, n_used, n_done, f"basis {kind}", "basis checkpoint")
 
     def save(basis: Basis) -> None:
         run.save_basis(basis, partial=True)

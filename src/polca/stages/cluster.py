@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
-from tqdm.auto import tqdm
 
 from polca import cluster as C
+from polca import progress as P
 from polca.config import ConfigError
 from polca.store import LOSS, TRAJECTORY_KINDS, StoreError, clustering_name, kind_arrays
 
@@ -64,11 +64,14 @@ def run_cluster(ctx, kinds=None, progress: bool = True) -> dict[str, str]:
         inputs = {"params": params, "arrays": {p: run.version(p) for p in products}}
         if run.is_current(f"cluster/{name}", inputs) and run.has_clustering(name):
             status[name] = "done"
+            P.bar(False, 1, 1, f"cluster {name}", "clustering").close()  # counted, not drawn
             continue
         run.refresh(f"cluster/{name}", inputs, discard=lambda name=name: run.discard_clustering(
             name), exists=run.has_clustering(name))
         if spec.source == "loss":
-            tokens, breaks, info = _cluster_exact(loss, kind, params, cfg.min_samples)
+            with P.bar(False, 1, 0, f"cluster {name}", "clustering") as bar:
+                tokens, breaks, info = _cluster_exact(loss, kind, params, cfg.min_samples)
+                bar.update()
         else:
             tokens, breaks, info = _cluster_projected(run, name, kind, basis, params,
                                                       cfg.min_samples, progress)
@@ -81,7 +84,7 @@ def run_cluster(ctx, kinds=None, progress: bool = True) -> dict[str, str]:
         status[name] = "written"
     for name, why in status.items():
         if why.startswith("missing") and progress:
-            tqdm.write(f"cluster: skipped {name}, {why}")
+            P.say(f"cluster: skipped {name}, {why}")
     return status
 
 
@@ -125,7 +128,7 @@ def _cluster_projected(run, name, kind, basis, params, min_samples, progress):
     first = kind_arrays(kind, basis)[0]
     n_vectors, block = arrays.shape(first)[0], max(1, arrays.chunks(first)[0])
     token_frames, break_frames, vectors = [], [], []
-    bar = tqdm(total=n_vectors, desc=f"cluster {name}", unit="vec", disable=not progress)
+    bar = P.bar(progress, n_vectors, 0, f"cluster {name}", "vector")
     for v0 in range(0, n_vectors, block):
         projected = run.projected(kind, basis, slice(v0, v0 + block))
         if not np.isfinite(projected).all():

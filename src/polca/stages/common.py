@@ -22,6 +22,7 @@ from polca.config import (
     TRAINING_SECTIONS,
     ConfigError,
     RunConfig,
+    config_changes,
     dump_config,
     load_config,
 )
@@ -29,6 +30,7 @@ from polca.functional import ProbeBatch, TokenLoss
 from polca.parallel import Executor, make_executor
 from polca.precision import model_dtype, resolve_device
 from polca.sources import open_source
+from polca.stages import invalidated
 from polca.store import RunDir, StoreError, batch_sha256, probe_sha256, sha256_json
 from polca.tasks import Task
 from polca.tasks.base import label_columns
@@ -246,21 +248,26 @@ def open_run(root, cfg: RunConfig | None = None, dtype=None, device=None,
 
 
 def _accept_changed_config(run: RunDir, stored: RunConfig, cfg: RunConfig) -> None:
-    old, new = stored.model_dump(mode="json"), cfg.model_dump(mode="json")
-    changed = []
-    for section, value in new.items():
-        if isinstance(value, dict):
-            before = old.get(section) or {}
-            changed += [f"{section}.{key}" for key in value if before.get(key) != value[key]]
-        elif old.get(section) != value:
-            changed.append(section)
-    fixed = [c for c in changed if c.split(".")[0] in TRAINING_SECTIONS
-             and c not in RUNTIME_KEYS]
+    """Refuse a change of a trained run's training settings, naming every key that differs;
+    say which stages any other change can make recompute."""
+    changes = config_changes(stored, cfg)
+    fixed = [c for c in changes if c[0].split(".")[0] in TRAINING_SECTIONS
+             and c[0] not in RUNTIME_KEYS]
     if cfg.trains and fixed:
         raise StoreError(
-            f"{run.config_path} holds a different config than the one given ({', '.join(fixed)}); "
-            "a trained run keeps its training settings. Use a new run name, or delete the run "
-            "directory to start over.")
-    changed = [c for c in changed if c not in RUNTIME_KEYS]
-    if changed:
-        run.say(f"config: {', '.join(changed)} changed; the stages that depend on it recompute")
+            f"{run.config_path} was trained with other settings than the config given "
+            f"({_listed(fixed)}); a trained run keeps its training settings (they made its "
+            "checkpoints). Use a new run name, or delete the run directory to start over.")
+    for key, before, after in changes:
+        effect = ("changes only where or how fast it computes: nothing recomputes"
+                  if key in RUNTIME_KEYS else f"can invalidate {', '.join(invalidated(key))} "
+                  "(each recomputes only if its inputs changed)")
+        run.say(f"config: {key}: {_value(before)} → {_value(after)}; {effect}")
+
+
+def _value(value) -> str:
+    return "unset" if value is None else repr(value) if isinstance(value, str) else str(value)
+
+
+def _listed(changes) -> str:
+    return "; ".join(f"{key}: {_value(a)} → {_value(b)}" for key, a, b in changes)

@@ -28,9 +28,9 @@ from functools import partial
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from polca import decompose as polca
+from polca import progress as P
 from polca.bases import Basis
 from polca.functional import ProbeBatch, TokenLoss, token_losses
 from polca.precision import arithmetic, model_dtype
@@ -155,8 +155,7 @@ def _decompose_basis(ctx, loss, reader: CheckpointReader, basis: Basis,
 
     todo = [t for t in range(T) if missing(t)]
     compute = partial(polca_block, reader, loss, basis, ctx.probe, options)
-    bar = tqdm(total=len(todo), desc=f"POLCA {basis.name}", disable=not progress,
-               unit="interval")
+    bar = P.bar(progress, T, T - len(todo), f"POLCA {basis.name}", "interval")
     blocks = interval_blocks(todo, ctx.cfg.executor.block_intervals)
     for block, block_terms in ctx.executor.map(compute, blocks):
         for t, terms in zip(block.intervals, block_terms):
@@ -239,7 +238,7 @@ def _lca(ctx, loss, reader: CheckpointReader, options: polca.TermOptions, progre
     todo = [t for t in range(T) if not (arrays.is_done(LCA_TOP, t)
                                         and arrays.is_done(LCA_TENSORS, t))]
     compute = partial(lca_block, reader, loss, top.cpu(), ctx.probe, options)
-    bar = tqdm(total=len(todo), desc="LCA", disable=not progress, unit="interval")
+    bar = P.bar(progress, T, T - len(todo), "LCA", "interval")
     for block, results in ctx.executor.map(compute, interval_blocks(
             todo, ctx.cfg.executor.block_intervals)):
         for t, (allocation, per_tensor) in zip(block.intervals, results):

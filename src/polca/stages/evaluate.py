@@ -27,11 +27,11 @@ import re
 
 import numpy as np
 import pandas as pd
-from tqdm.auto import tqdm
 
 from polca import cluster as C
 from polca import evaluate as E
 from polca.config import BinaryLabelConfig, ConfigError
+from polca import progress as P
 from polca.label import POS_COLUMNS, cluster_labels, has_pos
 from polca.store import LOSS, TRAJECTORY_KINDS, StoreError
 
@@ -62,13 +62,15 @@ def run_evaluate(ctx, labels=None, progress: bool = True) -> dict[str, pd.DataFr
               "examples": examples if has_pos(tokens) else None, "addition": addition,
               **({"binary": [b.model_dump(mode="json") for b in binary]} if binary else {})}
     if run.is_current("evaluate", inputs) and run.has_evaluation():
+        P.bar(progress, len(names), len(names), "evaluate", "clustering").close()
         return run.read_evaluation()
     run.refresh("evaluate", inputs, discard=run.discard_evaluation,
                 exists=run.has_evaluation() or bool(run.evaluation_names()))
     scores, clusters, carry, hidden = [], [], [], []
     positives = {b.column: _positive(tokens, b) for b in binary}
     by_label: dict[str, list[pd.DataFrame]] = {b.column: [] for b in binary}
-    for name in tqdm(names, desc="evaluate", unit="clustering", disable=not progress):
+    bar = P.bar(progress, len(names), 0, "evaluate", "clustering")
+    for name in names:
         clustering = run.read_clustering(name)
         # the paper's numbers are for its addition task only: other tasks get no paper column
         params = dict(clustering.params, addition=addition)
@@ -96,13 +98,15 @@ def run_evaluate(ctx, labels=None, progress: bool = True) -> dict[str, pd.DataFr
                                   skill_groups=b.skill_groups, top=top, per_vector=per_vector)
             by_label[b.column].append(table.assign(
                 **head, label=b.column, positive=str(b.positive), group=b.group))
+        bar.update()
+    bar.close()
     tables = {
         "scores": pd.DataFrame(scores),
         "clusters": pd.concat(clusters, ignore_index=True) if clusters else pd.DataFrame(),
         "hidden": pd.DataFrame(hidden),
     }
-    if paper_carry:  # only tokens with the paper's carry and place labels get its table
-        tables["carry"] = pd.concat(carry, ignore_index=True) if carry else pd.DataFrame()
+    if carry:  # the paper's carry table: only for tokens labelled with carry and place
+        tables["carry"] = pd.concat(carry, ignore_index=True)
     for b in binary:
         tables[label_table_name(b.column)] = pd.concat(by_label[b.column], ignore_index=True)
     run.write_evaluation(tables, pos_cluster_table(run, examples) if has_pos(tokens) else None)
@@ -201,41 +205,6 @@ def _with_breaks(table: pd.DataFrame, breaks: pd.DataFrame | None) -> pd.DataFra
                         hidden=table["cluster"].map(breaks["hidden"]).fillna(False)
                         .astype(bool))
 
-
-
-def format_tables(tables: dict[str, pd.DataFrame]) -> str:
-    """The evaluation as plain text for the CLI: paper table, hidden breakthroughs, and per
-    clustering and label the scores averaged over its vectors."""
-    parts = []
-    carry = tables.get("carry")
-    if carry is not None and len(carry):
-        parts.append(E.format_table(
-            carry[["name", "rank", "vector", "cluster", "size", "homogeneity", "paper_homogeneity",
-                   "recall", "paper_recall", "f1", "paper_f1"]],
-            "Carry clusters (paper Appendix G metric; paper_* = the paper's addition values)"))
-    for name, table in tables.items():
-        if name.startswith("label-") and len(table):
-            label = table["label"].iloc[0]
-            parts.append(E.format_table(
-                table[["name", "rank", "vector", "cluster", "size", "homogeneity", "recall",
-                       "f1"]],
-                f"Clusters of label {label!r} = {table['positive'].iloc[0]} (paper's Appendix G "
-                "metric)"))
-    hidden = tables.get("hidden")
-    if hidden is not None and len(hidden):
-        parts.append(E.format_table(
-            hidden[["name", "n_clusters", "n_hidden", "hidden_fraction", "paper", "tau",
-                    "delta"]],
-            "Hidden breakthroughs (cluster mean break step > tau)"))
-    scores = tables.get("scores")
-    if scores is not None and len(scores):
-        summary = (scores.dropna(subset=["ari"])
-                   .groupby(["name", "label"], sort=False)[
-                       ["weighted_purity", "chance", "ari", "v_measure", "n_clusters"]]
-                   .mean().reset_index())
-        parts.append(E.format_table(summary, "Agreement with labels (mean over vectors; noise "
-                                             "and filtered tokens excluded)"))
-    return "\n".join(parts)
 
 
 def _label_columns(run, tokens: pd.DataFrame, labels) -> list[str]:

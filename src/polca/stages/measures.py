@@ -26,8 +26,8 @@ import copy
 import numpy as np
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
 
+from polca import progress as P
 from polca.config import ConfigError
 from polca.measures import checkpoint_measures, reference_measures, task_measure_inputs
 from polca.stages.common import RunContext
@@ -52,19 +52,20 @@ def run_measures(ctx: RunContext, progress: bool = True, layer: int = -1,
     run.refresh("measures", ctx.inputs("source", "checkpoints", "probe", layer=layer),
                 discard=lambda: arrays.discard(MEASURES), exists=MEASURES in arrays)
     todo = [i for i in range(len(steps)) if not arrays.is_done(MEASURES, i)]
-    if todo:
-        _compute(ctx, steps, todo, progress, layer, batch_size)
+    with P.bar(progress, len(steps), len(steps) - len(todo), "measures", "checkpoint") as bar:
+        if todo:
+            _compute(ctx, steps, todo, bar, layer, batch_size)
     return run.read_measures()
 
 
-def _compute(ctx, steps, todo, progress, layer, batch_size) -> None:
+def _compute(ctx, steps, todo, bar, layer, batch_size) -> None:
     model = copy.deepcopy(ctx.model).to(device=ctx.device, dtype=torch.float32)
     probe = ctx.probe
     targets, early = task_measure_inputs(ctx.task)
     batch_size = batch_size or ctx.cfg.trajectories.batch_size
     arrays = ctx.run.arrays()
     names = None
-    for i in tqdm(todo, desc="measures", disable=not progress, unit="ckpt"):
+    for i in todo:
         model.load_state_dict(ctx.checkpoints.load(steps[i]))
         row = checkpoint_measures(model, probe, targets, early, layer, batch_size)
         if names is None:
@@ -74,3 +75,4 @@ def _compute(ctx, steps, todo, progress, layer, batch_size) -> None:
             raise StoreError(f"measures at step {steps[i]} are {list(row)}, not {names}")
         values = np.array([row[n] for n in names], dtype=np.float64)
         arrays.write_block(MEASURES, (i, slice(None)), values, key=i)
+        bar.update()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from polca import progress as P
 from polca.checkpoints import checkpoint_schedule
 from polca.config import ConfigError
 from polca.stages.common import RunContext
@@ -20,6 +21,7 @@ def run_train(ctx: RunContext, progress: bool = True) -> None:
                                    cfg.checkpoints.log_spaced)
     store = ctx.run.checkpoint_store()
     if store.steps == schedule:
+        P.bar(progress, len(schedule), len(schedule), "train", "checkpoint").close()
         return
     ctx.model.float()  # training runs in float32; analysis stages use ctx.dtype
     # on the run's device (compute.device, else train.device)

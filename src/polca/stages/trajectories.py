@@ -12,8 +12,8 @@ from functools import partial
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
+from polca import progress as P
 from polca.functional import ProbeBatch, TokenLoss
 from polca.precision import arithmetic, model_dtype
 from polca.store import CORRECT, LOSS, StoreError
@@ -61,7 +61,7 @@ def run_trajectories(ctx, progress: bool = True) -> None:
     blocks = [CheckpointBlock(i, steps[i]) for i in todo]
     compute = partial(checkpoint_losses, ctx.reader(), ctx.loss, ctx.probe,
                       ctx.cfg.trajectories.batch_size, ctx.arithmetic())
-    bar = tqdm(total=len(todo), desc="token losses", disable=not progress, unit="ckpt")
+    bar = P.bar(progress, len(steps), len(steps) - len(todo), "token losses", "checkpoint")
     for block, (loss, correct) in ctx.executor.map(compute, blocks):
         if not np.isfinite(loss).all():
             raise StoreError(f"non-finite token losses at step {block.step} "

@@ -73,7 +73,7 @@ def _tokenizers():
         import tokenizers
     except ImportError:
         raise RuntimeError("the text task needs Hugging Face `tokenizers`: "
-                           "pip install 'polca[text]'") from None
+                           "pip install 'polca-breakthroughs[text]'") from None
     return tokenizers
 
 
