@@ -30,8 +30,8 @@ import pandas as pd
 
 from polca import cluster as C
 from polca import evaluate as E
-from polca.config import BinaryLabelConfig, ConfigError
 from polca import progress as P
+from polca.config import BinaryLabelConfig, ConfigError
 from polca.label import POS_COLUMNS, cluster_labels, has_pos
 from polca.store import LOSS, TRAJECTORY_KINDS, StoreError
 
