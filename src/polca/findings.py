@@ -60,9 +60,10 @@ EXPLAINED_KINDS = ("first_order", "polca", "polca_paper", "integrated")
 KIND_NAMES = {"loss": "exact loss", "delta_loss": "ΔL", "abs_delta_loss": "|ΔL|",
               "lca": "LCA (top-50 parameters)", "fisher": "Fisher", "first_order":
               "first-order POLCA", "polca": "POLCA (exact curvature)",
-              "polca_paper": "POLCA (paper's curvature)", "integrated": "integrated POLCA"}
+              "polca_paper": "POLCA (paper's curvature)", "integrated": "integrated POLCA",
+              "gradient": "gradient projection ⟨b, ∇ℓ_x⟩"}
 KIND_ORDER = ("loss", "delta_loss", "abs_delta_loss", "lca", "fisher", "first_order", "polca",
-              "polca_paper", "integrated")
+              "polca_paper", "integrated", "gradient")
 BASIS_ORDER = ("hessian", "random", "shuffled-hessian", "trajectory-pca")
 
 
