@@ -36,6 +36,8 @@ ROWS = [
     ("polca_paper-shuffled-hessian", "POLCA paper, shuffled-Hessian basis"),
     ("polca-trajectory-pca", "POLCA exact, trajectory-PCA basis"),
     ("polca_paper-trajectory-pca", "POLCA paper, trajectory-PCA basis"),
+    ("gradient-hessian", "⟨b, ∇ℓ_x⟩, Hessian basis"),  # beyond the paper (issue 11)
+    ("gradient-random", "⟨b, ∇ℓ_x⟩, random basis"),
 ]
 
 
