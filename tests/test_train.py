@@ -1,5 +1,7 @@
 """Training is deterministic and an interrupted run resumes to the same bytes."""
 
+import itertools
+
 import pytest
 import torch
 
@@ -122,7 +124,7 @@ def test_schedules():
     assert checkpoint_schedule(10, steps=[3, 7]) == [0, 3, 7, 10]
     log = checkpoint_schedule(10_000, log_spaced=20)
     assert log[0] == 0 and log[-1] == 10_000 and log == sorted(set(log))
-    gaps = [b - a for a, b in zip(log[1:], log[2:])]
+    gaps = [b - a for a, b in itertools.pairwise(log[1:])]
     assert gaps[-1] > 10 * gaps[0]  # log spacing: late gaps much wider than early ones
     with pytest.raises(ValueError, match="outside"):
         checkpoint_schedule(10, steps=[11])

@@ -63,7 +63,7 @@ def checkpoint_schedule(
         if bad:
             raise ValueError(f"checkpoint steps {sorted(bad)} lie outside {start}..{total_steps}")
     elif log_spaced is not None:
-        chosen = {int(round(s)) for s in np.geomspace(max(start, 1), total_steps, log_spaced)}
+        chosen = {int(s) for s in np.rint(np.geomspace(max(start, 1), total_steps, log_spaced))}
     else:
         chosen = set(range(start, total_steps + 1, every or max(1, (total_steps - start) // 50)))
     return sorted(chosen | {start, total_steps})

@@ -123,7 +123,7 @@ def _cell(table: pd.DataFrame, row: str, measure: str, seeds: int, percent: bool
 
 
 def _paper(label: str, field: str) -> str:
-    name = dict((lab, n) for n, lab in ROWS)[label]
+    name = {lab: n for n, lab in ROWS}[label]
     kind, _, basis = name.partition("-")
     row = paper_row(kind, basis or None)
     if row is None or row.get(field) is None:
