@@ -173,7 +173,7 @@ class ClusterConfig(Section):
     mean_filter: bool = True
     token_filter: bool = True
     min_cluster_size: int | None = Field(None, gt=1, description="default: 150 per 5000 tokens")
-    min_samples: int | None = Field(None, gt=0, description="default: tokens / 15")
+    min_samples: int | None = Field(None, gt=0, description="default: 0.00375 × tokens clustered")
     top_clusters: int = Field(3, gt=0)
     break_delta: int | None = Field(None, gt=0, description="Δ in steps for break times")
     flat_after: int | None = Field(None, ge=0, description="τ in steps; default: 90% of decrease")
