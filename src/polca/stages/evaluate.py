@@ -194,8 +194,10 @@ def signal_table(run, stored, targets, progress: bool = True) -> pd.DataFrame:
                                        group_column=group_column, confidence=confidence))
         bar.update()
     bar.close()
-    table = pd.concat(frames, ignore_index=True)
     first = ["name", "kind", "basis", "label", "group_column"]
+    if not frames:  # no token has a label value
+        return pd.DataFrame(columns=first)
+    table = pd.concat(frames, ignore_index=True)
     return table[first + [c for c in table.columns if c not in first]]
 
 
