@@ -44,33 +44,57 @@ from typing import Literal
 import torch
 from torch.func import jacrev, jvp, vmap
 
+from polca import jet
 from polca.functional import ProbeBatch, TokenLoss
 
-Engine = Literal["auto", "forward", "reverse"]
+Engine = Literal["auto", "jet", "forward", "reverse"]
 
-# Cost model per probe sequence, in units of one forward-mode jvp over that sequence (measured
-# with benchmarks/bench_decompose.py on 2 idle CPU cores, torch 2.13; docs/benchmarks.md):
-# forward mode costs FORWARD_COST[order] per direction (jvp-of-jvp: 2.4–3.6 jvps); reverse mode
-# costs REVERSE_GRADIENT_COST per scored token for the per-sample gradients (measured 4.9 on
-# the demo shape, 7.6 on the paper's) plus REVERSE_HVP_COST per scored token and direction for
-# second order (measured 10–11). So reverse mode wins only for first order with more than about
-# 6 directions per scored token (addition, k = 4: m > 24, e.g. the 50-parameter LCA baseline).
-FORWARD_COST = {1: 1.0, 2: 3.0}
-REVERSE_GRADIENT_COST = 6.0
-REVERSE_HVP_COST = 10.0
+# Cost model per probe sequence, in units of one forward pass over that sequence (the constants
+# are measured by benchmarks/bench_decompose.py; docs/benchmarks.md has the run):
+# * jet: JET_COST[order] = (a, b) costs a + b·m for m directions;
+# * forward: FORWARD_COST[order] per direction (one jvp, or one jvp-of-jvp);
+# * reverse: REVERSE_GRADIENT_COST per scored token for the per-sample gradients, plus
+#   REVERSE_HVP_COST per scored token and direction for the second order.
+JET_COST = {1: (1.0, 1.5), 2: (1.0, 2.5)}
+FORWARD_COST = {1: 3.0, 2: 10.0}
+REVERSE_GRADIENT_COST = 15.0
+REVERSE_HVP_COST = 30.0
+# Jet chunks (see jet_chunks): the widest activation's jet near this many bytes, and at least
+# this many positions per chunk; measured as the fastest setting on both benchmark shapes.
+JET_CHUNK_BYTES = 2**20
+JET_MIN_ROWS = 128
+# activations of the widest size alive at once in a jet (for the memory budget)
+_LIVE_ACTIVATIONS = 6
 
 
-def choose_engine(n_directions: int, tokens_per_sequence: float, order: int) -> str:
-    """The engine with the lower modelled cost: ``"forward"`` or ``"reverse"``.
+def engine_costs(n_directions: int, tokens_per_sequence: float, order: int,
+                 jet: bool = False) -> dict[str, float]:
+    """Modelled cost per probe sequence of every applicable engine, in forward passes.
 
-    >>> choose_engine(8, 4, order=2), choose_engine(50, 4, order=1)
-    ('forward', 'reverse')
+    >>> engine_costs(10, 4, order=2, jet=True)  # doctest: +SKIP
     """
-    forward = n_directions * FORWARD_COST[order]
-    reverse = tokens_per_sequence * REVERSE_GRADIENT_COST
-    if order == 2:
-        reverse += tokens_per_sequence * REVERSE_HVP_COST * n_directions
-    return "forward" if forward <= reverse else "reverse"
+    m, k = n_directions, tokens_per_sequence
+    costs = {"reverse": k * REVERSE_GRADIENT_COST + (k * REVERSE_HVP_COST * m if order == 2 else 0)}
+    if jet:
+        fixed, per_direction = JET_COST[order]
+        costs["jet"] = fixed + per_direction * m
+    else:
+        costs["forward"] = FORWARD_COST[order] * m
+    return costs
+
+
+def choose_engine(n_directions: int, tokens_per_sequence: float, order: int,
+                  jet: bool = False) -> str:
+    """The engine with the lowest modelled cost (:func:`engine_costs`); ``jet`` says whether
+    the token loss is the built-in decoder (:func:`polca.jet.supports`).
+
+    >>> choose_engine(10, 4, order=2, jet=True), choose_engine(10, 4, order=2)
+    ('jet', 'forward')
+    >>> choose_engine(50, 4, order=1)
+    'reverse'
+    """
+    costs = engine_costs(n_directions, tokens_per_sequence, order, jet)
+    return min(costs, key=costs.get)
 
 
 def directional_derivatives(
@@ -92,34 +116,43 @@ def directional_derivatives(
             (the unit vectors e_i).
         batch: probe sequences; tokens come out in the row-major order of ``batch.scored``.
         order: 1 (first only) or 2 (first and second).
-        engine: ``"forward"``, ``"reverse"`` or ``"auto"`` (cost model).
-        batch_size: sequences per forward-mode chunk (and an upper bound for reverse mode).
-        memory_budget: bytes allowed for one chunk's per-sample gradients (reverse mode).
+        engine: ``"jet"`` (built-in decoder only), ``"forward"``, ``"reverse"`` or ``"auto"``
+            (the cheapest by the cost model of :func:`choose_engine`).
+        batch_size: the most sequences in one chunk (the jet picks fewer when that is faster).
+        memory_budget: bytes allowed for one chunk's per-sample gradients (reverse mode) or
+            one chunk's jet (jet).
 
     Returns:
         ``first [m, tokens]`` float64 with ⟨v, ∇ℓ_x(θ)⟩ and ``second [m, tokens]`` float64 with
         vᵀ∇²ℓ_x(θ)v (``None`` when ``order == 1``).
     """
     _check_inputs(loss, theta, directions, order, engine, batch_size)
-    if engine == "auto":
+    has_jet = jet.supports(loss)
+    if engine == "jet" and not has_jet:
+        raise ValueError(
+            f"engine='jet' needs the built-in Decoder with next-token cross-entropy "
+            f"(ModuleTokenLoss(Decoder)); this loss is {type(loss).__name__}: use engine='auto'")
+    automatic = engine == "auto"
+    if automatic:
         per_sequence = batch.n_tokens / max(len(batch), 1)
-        engine = choose_engine(len(directions), per_sequence, order)
+        engine = choose_engine(len(directions), per_sequence, order, jet=has_jet)
     if not directions.dtype.is_floating_point:
         tangents = _coordinate_tangents(directions, theta)
     else:
         tangents = directions.to(device=theta.device, dtype=theta.dtype)
-    run = _forward_chunk if engine == "forward" else _reverse_chunk
-    firsts, seconds = [], []
-    for chunk in _chunks(batch, engine, batch_size, memory_budget, theta):
-        first, second = run(loss, theta.detach(), tangents, chunk, order)
-        firsts.append(first)
-        seconds.append(second)
-    first = torch.cat(firsts, dim=1) if firsts else theta.new_zeros(len(directions), 0)
+    args = (loss, theta.detach(), tangents, batch, order, batch_size, memory_budget)
+    try:
+        first, second = _ENGINES[engine](*args)
+    except _VmapUnsupported:
+        if not automatic:
+            raise
+        # a model whose forward pass cannot be vmapped over sequences (e.g. Hugging Face's
+        # padding check on input ids): the generic forward engine needs no vmap
+        first, second = _forward(*args)
     first = first.to(torch.float64)
-    second = torch.cat(seconds, dim=1).to(torch.float64) if order == 2 and seconds else (
-        first.new_zeros(first.shape) if order == 2 else None)
     _check_finite(first, "first directional derivatives")
     if second is not None:
+        second = second.to(torch.float64)
         _check_finite(second, "second directional derivatives")
     return first, second
 
@@ -143,6 +176,92 @@ def mean_loss_gradient(
         total += gradient.to(torch.float64)
     _check_finite(total, "mean-loss gradient")
     return total / n
+
+
+# jet (built-in decoder) ------------------------------------------------------------------------
+def _jet(loss, theta, tangents, batch: ProbeBatch, order: int, batch_size: int,
+         memory_budget: int):
+    """Both orders for all directions by :func:`polca.jet.token_loss_jet`, chunked over
+    sequences (and, when m is large, directions) by :func:`jet_chunks`."""
+    m = len(tangents)
+    first = theta.new_zeros(m, batch.n_tokens)
+    second = theta.new_zeros(m, batch.n_tokens) if order == 2 else None
+    sequences, directions = jet_chunks(loss.module.cfg, batch, m, order, theta,
+                                       batch_size, memory_budget)
+    column = 0
+    for chunk in batch.split(sequences):
+        columns = slice(column, column + chunk.n_tokens)
+        column += chunk.n_tokens
+        if chunk.n_tokens == 0:
+            continue
+        for start in range(0, m, directions):
+            rows = slice(start, start + directions)
+            out = jet.token_loss_jet(loss, theta, _dense_rows(tangents, rows), chunk, order)
+            first[rows, columns] = out.first
+            if second is not None:
+                second[rows, columns] = out.second
+    return first, second
+
+
+def jet_chunks(cfg, batch: ProbeBatch, m: int, order: int, theta: torch.Tensor,
+               batch_size: int = 256, memory_budget: int = 2**28) -> tuple[int, int]:
+    """``(sequences, directions)`` per jet chunk.
+
+    The jet's cost is arithmetic (dense products) and memory traffic over its widest
+    activation, ``[1 + order·m, sequences, length, width]``. Chunks are as small as keeps that
+    activation near :data:`JET_CHUNK_BYTES` (cache-resident), but with at least
+    :data:`JET_MIN_ROWS` positions so the weight-tangent products stay efficient; directions are
+    split only when one sequence's jet, or an ``[m, d]`` block of coordinate tangents, would
+    exceed ``memory_budget``.
+
+    >>> from polca.models.decoder import DecoderConfig
+    >>> cfg = DecoderConfig(vocab_size=12, context_length=12, d_model=64, n_heads=4, d_mlp=256)
+    >>> ids = torch.zeros(1000, 12, dtype=torch.long)
+    >>> batch = ProbeBatch(ids, ids, torch.ones(1000, 12, dtype=torch.bool))
+    >>> jet_chunks(cfg, batch, m=10, order=2, theta=torch.zeros(1))  # doctest: +SKIP
+    """
+    used = batch.scored.any(0).nonzero()
+    length = int(used.max()) + 1 if len(used) else 1
+    width = max(3 * cfg.d_model, cfg.mlp_width, cfg.n_heads * length)
+    position = length * width * theta.element_size()  # one component at one sequence
+    directions = m
+    if position * _LIVE_ACTIVATIONS * (1 + order * m) > memory_budget:
+        directions = max(1, (memory_budget // (position * _LIVE_ACTIVATIONS) - 1) // order)
+    directions = min(directions, max(1, memory_budget // (theta.numel() * theta.element_size())))
+    per_sequence = position * (1 + order * directions)
+    sequences = max(JET_CHUNK_BYTES // per_sequence, -(-JET_MIN_ROWS // length), 1)
+    sequences = min(sequences, batch_size,
+                    max(1, memory_budget // (per_sequence * _LIVE_ACTIVATIONS)))
+    return int(sequences), int(directions)
+
+
+def _dense_rows(tangents, rows: slice) -> torch.Tensor:
+    """``[m', d]`` dense tangents for a slice of directions (coordinate rows materialised)."""
+    if isinstance(tangents, _OneHotRows):
+        indices = tangents.indices[rows]
+        dense = tangents.theta.new_zeros(len(indices), tangents.theta.numel())
+        dense[torch.arange(len(indices)), indices] = 1.0
+        return dense
+    return tangents[rows].contiguous()
+
+
+def _chunked(run):
+    """A generic engine over the chunks of :func:`_chunks`: ``run`` maps one chunk to
+    ``(first [m, tokens], second [m, tokens] | None)``."""
+    engine = "forward" if run is _forward_chunk else "reverse"
+
+    def over_chunks(loss, theta, tangents, batch, order, batch_size, memory_budget):
+        firsts, seconds = [], []
+        for chunk in _chunks(batch, engine, batch_size, memory_budget, theta):
+            first, second = run(loss, theta, tangents, chunk, order)
+            firsts.append(first)
+            seconds.append(second)
+        first = torch.cat(firsts, dim=1) if firsts else theta.new_zeros(len(tangents), 0)
+        if order == 1:
+            return first, None
+        return first, (torch.cat(seconds, dim=1) if seconds else torch.zeros_like(first))
+
+    return over_chunks
 
 
 # forward mode ---------------------------------------------------------------------------------
@@ -208,7 +327,7 @@ def _per_token_gradients(loss, rows: ProbeBatch, pattern: torch.Tensor) -> Calla
         try:
             return per_sequence(point, rows.input_ids, rows.targets)
         except RuntimeError as err:
-            raise RuntimeError(
+            raise _VmapUnsupported(
                 f"reverse-mode per-sample gradients failed ({err}); this token loss may not "
                 "support torch.func.vmap over sequences: use engine='forward'"
             ) from err
@@ -223,6 +342,10 @@ def _project(gradients: torch.Tensor, tangents: torch.Tensor) -> torch.Tensor:
     return gradients @ tangents.T
 
 
+_forward = _chunked(_forward_chunk)
+_ENGINES = {"jet": _jet, "forward": _forward, "reverse": _chunked(_reverse_chunk)}
+
+
 # helpers --------------------------------------------------------------------------------------
 def _coordinate_tangents(indices: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
     """One-hot tangents for coordinate indices; a sparse-friendly [m, d] built row by row."""
@@ -231,6 +354,10 @@ def _coordinate_tangents(indices: torch.Tensor, theta: torch.Tensor) -> torch.Te
     if len(indices) and (int(indices.min()) < 0 or int(indices.max()) >= theta.numel()):
         raise ValueError(f"coordinate index out of range [0, {theta.numel()})")
     return _OneHotRows(indices, theta)
+
+
+class _VmapUnsupported(RuntimeError):
+    """The token loss cannot be vmapped over sequences (reverse mode's per-sample gradients)."""
 
 
 class _OneHotRows:
@@ -263,8 +390,8 @@ def _chunks(batch: ProbeBatch, engine: str, batch_size: int, memory_budget: int,
 def _check_inputs(loss, theta, directions, order, engine, batch_size) -> None:
     if order not in (1, 2):
         raise ValueError(f"order must be 1 or 2, got {order}")
-    if engine not in ("auto", "forward", "reverse"):
-        raise ValueError(f"engine must be 'auto', 'forward' or 'reverse', got {engine!r}")
+    if engine not in ("auto", "jet", "forward", "reverse"):
+        raise ValueError(f"engine must be 'auto', 'jet', 'forward' or 'reverse', got {engine!r}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     d = loss.space.dim
