@@ -1,63 +1,85 @@
-"""Benchmark: per-interval cost of POLCA on the demo and the paper's model shapes.
+"""Benchmark: per-interval cost of POLCA's directional derivatives, every engine side by side.
 
-Compares, side by side as ratios, three ways to get ⟨b, ∇ℓ_x⟩ (first order) and bᵀ∇²ℓ_x b
-(exact second order) for every probe token and m basis vectors at one checkpoint:
+For every probe token and m basis vectors at one checkpoint it computes ⟨b, ∇ℓ_x⟩ (first
+order) and bᵀ∇²ℓ_x b (exact second order) in these ways, in one process, on the same inputs:
 
-  (a) naive: a Python loop over tokens of ``torch.autograd.grad`` (first order) and, per token
-      and vector, a double-backward Hessian-vector product (second order);
-  (b) reverse: per-sample gradients projected (``engine="reverse"``, forward-over-reverse for
-      second order);
-  (c) forward: ``torch.func.jvp`` per vector (``engine="forward"``, jvp-of-jvp for second order).
+  naive    a Python loop over tokens: one forward per sequence, ``torch.autograd.grad`` per
+           token (first order) and a double-backward Hessian-vector product per token and
+           vector (second order);
+  loop     ``engine="forward"``: one ``jvp`` (first order) or jvp-of-jvp (both orders) per
+           vector, the engine before the jet; with the decompose stage's 512-sequence chunks
+           and with 64-sequence chunks;
+  vmap     ``torch.func.vmap`` over the vectors of the same jvp / jvp-of-jvp (chunked like
+           the jet);
+  reverse  ``engine="reverse"``: per-sample gradients projected (forward-over-reverse for
+           second order);
+  jet      ``engine="jet"``: Taylor-mode propagation of all vectors at once (``polca.jet``).
 
-Slow paths run on a subset of tokens and are extrapolated linearly per token (marked "extrap.").
-Per interval, the estimators cost: first order = one first-order pass per checkpoint (shared
-by neighbouring intervals); exact = one second-order pass instead (it returns both orders);
-paper = first-order passes only (its ratio of gradient differences is free); integrated with
-3 Simpson points = one more first-order pass at the interval midpoint.
+Beside the seconds: FLOPs counted with ``torch.utils.flop_counter.FlopCounterMode`` (matrix
+products only, as that counter does; on a subset of sequences, scaled per token) in units of
+one forward pass of the model over the same tokens, and the peak resident memory a method
+adds (measured in a forked child: its peak RSS minus the parent's RSS at the fork). Slow
+methods run on a subset of tokens and are extrapolated linearly per token ("extrap.").
+Every method's numbers are compared with the jet's on the tokens both computed.
 
-Run:  .venv/bin/python benchmarks/bench_decompose.py            (about 3–5 minutes on 2 cores)
+``--sweep`` times the jet against its chunk size (what :data:`polca.directional.JET_CHUNK_BYTES`
+and ``JET_MIN_ROWS`` are set from); ``--hf`` adds the generic engines on a Hugging Face GPT-2
+of the demo shape (vmap against the loop, for the generic fallback).
+
+Run:  OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_decompose.py   (about 15 min, 1 thread)
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
+import os
 import platform
-import resource
 import time
 
 import torch
+from torch.func import jvp, vmap
+from torch.utils.flop_counter import FlopCounterMode, bmm_flop
 
-from polca.directional import choose_engine, directional_derivatives
+from polca.directional import (
+    JET_CHUNK_BYTES,
+    JET_MIN_ROWS,
+    choose_engine,
+    directional_derivatives,
+    jet_chunks,
+)
 from polca.functional import ModuleTokenLoss, ProbeBatch, token_losses
+from polca.jet import token_loss_jet
 from polca.models.decoder import Decoder, DecoderConfig
 
+SHAPES = {  # configs/demo-addition.toml's model, and the paper's (3 layers, width 512)
+    "demo": {"n_layers": 2, "d_model": 64, "d_mlp": 256, "sequences": 1250,
+             "dtype": torch.float64},
+    "paper": {"n_layers": 3, "d_model": 512, "d_mlp": 2048, "sequences": 16,
+              "dtype": torch.float32},
+}
+STAGE_BATCH = 512  # sequences per chunk the decompose stage passes (DecomposeConfig.batch_size)
 
-def make_problem(n_layers, d_model, d_mlp, n_sequences, dtype, seed=0):
+
+def make_problem(n_layers, d_model, d_mlp, sequences, dtype, seed=0):
     torch.manual_seed(seed)
     model = Decoder(DecoderConfig(vocab_size=12, context_length=12, n_layers=n_layers,
                                   d_model=d_model, n_heads=4, d_mlp=d_mlp)).to(dtype)
     loss = ModuleTokenLoss(model)
     theta = loss.space.flatten(dict(model.named_parameters())).detach().clone()
-    ids = torch.randint(0, 12, (n_sequences, 12))
-    scored = torch.zeros(n_sequences, 12, dtype=torch.bool)
-    scored[:, -5:-1] = True                                  # 4 scored tokens, as in addition
-    batch = ProbeBatch(ids, torch.roll(ids, -1, 1), scored)
-    return loss, theta, batch
+    ids = torch.randint(0, 12, (sequences, 12))
+    scored = torch.zeros(sequences, 12, dtype=torch.bool)
+    scored[:, -5:-1] = True  # 4 scored tokens before the last position, as in addition
+    return loss, theta, ProbeBatch(ids, torch.roll(ids, -1, 1), scored)
 
 
-def timed(fn):
-    start = time.perf_counter()
-    out = fn()
-    return time.perf_counter() - start, out
-
-
+# the methods ------------------------------------------------------------------------------------
 def naive(loss, theta, batch, vectors, order):
     """Per-token autograd loop; second order by double backward per token and vector."""
     firsts, seconds = [], []
     for row in range(len(batch)):
-        sequence = batch[row : row + 1]
         point = theta.clone().requires_grad_(True)
-        losses = loss(point, sequence)
+        losses = loss(point, batch[row: row + 1])
         for j in range(len(losses)):
             (grad,) = torch.autograd.grad(losses[j], point, retain_graph=True,
                                           create_graph=order == 2)
@@ -66,81 +88,282 @@ def naive(loss, theta, batch, vectors, order):
                 seconds.append(torch.stack([
                     torch.autograd.grad(grad @ v, point, retain_graph=True)[0] @ v
                     for v in vectors]))
-    first = torch.stack(firsts, 1)
-    return first, (torch.stack(seconds, 1) if order == 2 else None)
+    return torch.stack(firsts, 1), (torch.stack(seconds, 1) if order == 2 else None)
 
 
-def bench_shape(label, n_layers, d_model, d_mlp, n_sequences, subsets, m, dtype):
-    loss, theta, batch = make_problem(n_layers, d_model, d_mlp, n_sequences, dtype)
-    vectors = torch.linalg.qr(torch.randn(theta.numel(), m, dtype=torch.float64))[0].T
-    vectors = vectors.to(dtype).contiguous()
-    tokens = batch.n_tokens
-    token_losses(loss, theta, batch[:8])                                # warm-up
-    forward_pass, _ = timed(lambda: token_losses(loss, theta, batch, 256))
-    print(f"\n## {label}: d = {theta.numel():,} parameters, {tokens} tokens, m = {m}, {dtype}")
-    print(f"one forward pass over the probe set (256 sequences a chunk): {forward_pass:.3f} s")
-    results, seconds = {}, {}
-    for method, order in [("naive", 1), ("naive", 2), ("reverse", 1), ("reverse", 2),
-                          ("forward", 1), ("forward", 2)]:
-        rows = subsets.get((method, order), n_sequences)
-        sub = batch[:rows]
-        if method == "naive":
-            elapsed, out = timed(lambda sub=sub, order=order: naive(loss, theta, sub, vectors, order))
-        else:
-            directional_derivatives(loss, theta, vectors, batch[:2], order=order, engine=method)
-            elapsed, out = timed(lambda sub=sub, order=order, method=method:
-                                 directional_derivatives(loss, theta, vectors, sub, order=order,
-                                                         engine=method, batch_size=256))
-        seconds[(method, order)] = elapsed * tokens / sub.n_tokens
-        results[(method, order)] = out
-        tag = "" if rows == n_sequences else f" (extrap. from {sub.n_tokens} tokens)"
-        print(f"  {method:8s} order {order}: {seconds[(method, order)]:9.2f} s{tag}")
-    # equal results: every method against forward mode on the tokens both computed
-    for (method, order), out in results.items():
-        n = out[0].shape[1]
-        reference = results[("forward", 2)]
-        error = max(float((out[k].double() - reference[k][:, :n].double()).abs().max() /
-                          reference[k][:, :n].double().abs().max())
-                    for k in range(order))
-        print(f"  max relative difference {method} order {order} vs forward: {error:.1e}")
-    first = {k: seconds[(k, 1)] for k in ("naive", "reverse", "forward")}
-    second = {k: seconds[(k, 2)] for k in ("naive", "reverse", "forward")}
-    estimators = {
-        "first order": first,
-        "exact (1st+2nd)": second,
-        "paper (1st + ratio)": first,
-        "integrated (3-pt)": {k: 2 * v for k, v in first.items()},
-    }
-    print(f"\n| {label} | naive loop (a) | per-sample grads (b) | forward (c) | (a)/(c) | "
-          "(a)/best |")
-    print("|---|---|---|---|---|---|")
-    for name, cost in estimators.items():
-        best = min(cost["reverse"], cost["forward"])
-        print(f"| {name} | {cost['naive']:.1f} s | {cost['reverse']:.1f} s | "
-              f"{cost['forward']:.1f} s | {cost['naive'] / cost['forward']:.0f}× | "
-              f"{cost['naive'] / best:.0f}× |")
-    per_sequence = batch.n_tokens / len(batch)
-    print(f"auto picks: first order → {choose_engine(m, per_sequence, 1)}, "
-          f"second order → {choose_engine(m, per_sequence, 2)}")
-    return seconds
+def vmapped(loss, theta, batch, vectors, order):
+    """vmap over the vectors of jvp (first order) or jvp-of-jvp (both), in jet-sized chunks."""
+    sequences, directions = jet_chunks(loss.module.cfg, batch, len(vectors), order, theta,
+                                       STAGE_BATCH)
+    firsts, seconds = [], []
+    for chunk in batch.split(sequences):
+        def losses(point, chunk=chunk):
+            return loss(point, chunk)
+
+        def both(v):
+            if order == 1:
+                return (jvp(losses, (theta,), (v,))[1],)
+            return jvp(lambda p: jvp(losses, (p,), (v,)), (theta,), (v,))[1]
+
+        parts = [vmap(both)(vectors[i: i + directions])
+                 for i in range(0, len(vectors), directions)]
+        firsts.append(torch.cat([part[0] for part in parts]))
+        if order == 2:
+            seconds.append(torch.cat([part[1] for part in parts]))
+    return torch.cat(firsts, 1), (torch.cat(seconds, 1) if order == 2 else None)
+
+
+def engine(name, batch_size=STAGE_BATCH):
+    def run(loss, theta, batch, vectors, order):
+        return directional_derivatives(loss, theta, vectors, batch, order=order, engine=name,
+                                       batch_size=batch_size)
+    return run
+
+
+METHODS = {
+    "naive": naive,
+    "loop (512-seq. chunks)": engine("forward"),
+    "loop (64-seq. chunks)": engine("forward", 64),
+    "vmap": vmapped,
+    "reverse": engine("reverse"),
+    "jet": engine("jet"),
+}
+
+
+# measurements -----------------------------------------------------------------------------------
+def timed(fn, repeat_below=20.0):
+    """Best of two runs when one takes under ``repeat_below`` seconds (shared machine)."""
+    start = time.perf_counter()
+    out = fn()
+    best = time.perf_counter() - start
+    if best < repeat_below:
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best, out
+
+
+def flops(fn) -> int:
+    # polca.jet accumulates with in-place baddbmm_, which the counter's table lacks
+    def baddbmm_flop(self_shape, a_shape, b_shape, out_shape=None, **kwargs):
+        return bmm_flop(a_shape, b_shape)
+
+    with FlopCounterMode(display=False,
+                         custom_mapping={torch.ops.aten.baddbmm_: baddbmm_flop}) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_memory(fn) -> int:
+    """Bytes of resident memory ``fn`` adds at its peak, run in a forked child."""
+    ctypes.CDLL("libc.so.6").malloc_trim(0)  # freed heap would hide the child's allocations
+    baseline = rss()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        try:
+            fn()
+        finally:
+            os._exit(0)
+    _, _, usage = os.wait4(pid, 0)
+    return max(usage.ru_maxrss * 1024 - baseline, 0)
+
+
+def relative_difference(out, reference, order):
+    n = out[0].shape[1]
+    return max(float((out[k].double() - reference[k][:, :n].double()).abs().max()
+                     / reference[k][:, :n].double().abs().max()) for k in range(order))
+
+
+def first_tokens(batch: ProbeBatch, n: int) -> ProbeBatch:
+    """The first ``n`` scored tokens of ``batch`` (row-major), for the slow methods."""
+    rank = batch.scored.reshape(-1).cumsum(0).reshape(batch.scored.shape)  # 1-based if scored
+    scored = batch.scored & (rank <= n)
+    rows = int(scored.any(1).nonzero().max()) + 1
+    return ProbeBatch(batch.input_ids[:rows], batch.targets[:rows], scored[:rows])
+
+
+def bench(label, shape, m, slow_tokens, skip=()):
+    loss, theta, batch = make_problem(shape["n_layers"], shape["d_model"], shape["d_mlp"],
+                                      shape["sequences"], shape["dtype"])
+    generator = torch.Generator().manual_seed(1)
+    vectors = torch.randn(m, theta.numel(), generator=generator, dtype=shape["dtype"])
+    vectors /= torch.linalg.vector_norm(vectors, dim=1, keepdim=True)
+    tokens, k = batch.n_tokens, batch.n_tokens / len(batch)
+    token_losses(loss, theta, batch[:8])  # warm-up
+    forward_seconds, _ = timed(lambda: token_losses(loss, theta, batch, 256))
+    flop_rows = 8 if shape["sequences"] > 8 else 2
+    forward_flops = flops(lambda: loss(theta, batch[:flop_rows])) / (flop_rows * k)
+    print(f"\n## {label}: d = {theta.numel():,}, {tokens} tokens, m = {m}, {shape['dtype']}, "
+          f"load {os.getloadavg()[0]:.1f}")
+    print(f"one forward pass over the probe set (256-sequence chunks): {forward_seconds:.3f} s")
+    print("| order | method | seconds | ÷ jet | naive ÷ | forward passes (time) | "
+          "forward passes (FLOPs) | peak memory | rel. diff. vs jet |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    rows = {}
+    for order in (2, 1):
+        results, seconds, counted, memory, extrapolated = {}, {}, {}, {}, set()
+        for name, method in METHODS.items():
+            if (name, order) in skip or name in skip:
+                continue
+            slow = (name, order) in slow_tokens
+            sub = first_tokens(batch, slow_tokens[(name, order)]) if slow else batch
+            elapsed, out = timed(lambda sub=sub, method=method, order=order:
+                                 method(loss, theta, sub, vectors, order))
+            seconds[name] = elapsed * tokens / sub.n_tokens
+            results[name] = out
+            if slow:
+                extrapolated.add(name)
+            flop_sub = sub if slow else batch[:flop_rows]
+            counted[name] = flops(lambda method=method, flop_sub=flop_sub, order=order:
+                                  method(loss, theta, flop_sub, vectors, order)) / (
+                flop_sub.n_tokens * forward_flops)
+            memory_sub = sub if slow else batch[:STAGE_BATCH]
+            memory[name] = peak_memory(lambda method=method, memory_sub=memory_sub, order=order:
+                                       method(loss, theta, memory_sub, vectors, order))
+        for name, elapsed in seconds.items():
+            tag = " (extrap.)" if name in extrapolated else ""
+            print(f"| {order} | {name} | {elapsed:.2f}{tag} | "
+                  f"{elapsed / seconds['jet']:.1f}× | "
+                  f"{seconds.get('naive', float('nan')) / elapsed:.0f}× | "
+                  f"{elapsed / forward_seconds:.0f} | {counted[name]:.1f} | "
+                  f"{memory[name] / 2**20:.0f} MiB | "
+                  f"{relative_difference(results[name], results['jet'], order):.0e} |",
+                  flush=True)
+        rows[order] = {"seconds": seconds, "flops": counted}
+    print(f"(1 + 4m) = {1 + 4 * m} and (1 + 2m) = {1 + 2 * m} forward passes; auto picks "
+          f"{choose_engine(m, k, 2, jet=True)} (both orders), "
+          f"{choose_engine(m, k, 1, jet=True)} (first order); load {os.getloadavg()[0]:.1f}")
+    return {"forward": forward_seconds, "k": k, "m": m, **rows}
+
+
+def cost_constants(demo_runs):
+    """The cost model of polca.directional, in forward passes per sequence, from the demo runs."""
+    (a, b) = demo_runs
+    out = {}
+    for order in (1, 2):
+        ja = a[order]["seconds"]["jet"] / a["forward"]
+        jb = b[order]["seconds"]["jet"] / b["forward"]
+        per_direction = (jb - ja) / (b["m"] - a["m"])
+        out[f"JET_COST[{order}]"] = (ja - per_direction * a["m"], per_direction)
+        out[f"FORWARD_COST[{order}]"] = a[order]["seconds"]["loop (512-seq. chunks)"] / (
+            a["forward"] * a["m"])
+    k = a["k"]
+    reverse1 = a[1]["seconds"]["reverse"] / a["forward"]
+    out["REVERSE_GRADIENT_COST"] = reverse1 / k
+    if "reverse" in a[2]["seconds"]:
+        out["REVERSE_HVP_COST"] = (a[2]["seconds"]["reverse"] / a["forward"] - reverse1) / (
+            k * a["m"])
+    print("\nmeasured cost-model constants (forward passes per sequence):")
+    for name, value in out.items():
+        text = f"({value[0]:.2f}, {value[1]:.2f})" if isinstance(value, tuple) else f"{value:.2f}"
+        print(f"  {name} = {text}")
+
+
+def sweep(shape, m):
+    """Jet seconds against sequences per chunk (one chunk of directions)."""
+    loss, theta, batch = make_problem(shape["n_layers"], shape["d_model"], shape["d_mlp"],
+                                      shape["sequences"], shape["dtype"])
+    vectors = torch.randn(m, theta.numel(), dtype=shape["dtype"])
+    chosen, _ = jet_chunks(loss.module.cfg, batch, m, 2, theta, STAGE_BATCH)
+    print(f"\njet chunk sweep, m = {m}, {shape['d_model']} wide, {shape['dtype']} "
+          f"(JET_CHUNK_BYTES = {JET_CHUNK_BYTES}, JET_MIN_ROWS = {JET_MIN_ROWS} choose "
+          f"{chosen}); load {os.getloadavg()[0]:.1f}")
+    for order in (2, 1):
+        line = []
+        for sequences in (1, 2, 4, 8, 12, 16, 32, 64, 128):
+            if sequences > len(batch):
+                break
+
+            def run(sequences=sequences, order=order):
+                for chunk in batch.split(sequences):
+                    token_loss_jet(loss, theta, vectors, chunk, order)
+
+            line.append(f"{sequences}: {timed(run, repeat_below=60)[0]:.2f} s")
+        print(f"  order {order}: " + ", ".join(line), flush=True)
+
+
+def hf_generic(m):
+    """The generic engines (loop against vmap) on a Hugging Face GPT-2 of the demo shape."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from polca.models.hf import HFTokenLoss
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=12, n_positions=12, n_embd=64, n_layer=2,
+                                       n_head=4, n_inner=256, tie_word_embeddings=False,
+                                       activation_function="gelu")).double()
+    loss = HFTokenLoss(model)
+    theta = loss.space.flatten(dict(model.named_parameters())).detach()
+    _, _, batch = make_problem(1, 8, 8, 256, torch.float64)
+    vectors = torch.randn(m, theta.numel(), dtype=torch.float64)
+    print(f"\nHugging Face GPT-2 (demo shape, float64, {batch.n_tokens} tokens, m = {m}); "
+          f"load {os.getloadavg()[0]:.1f}")
+    for order in (2, 1):
+        loop, out = timed(lambda order=order: directional_derivatives(
+            loss, theta, vectors, batch, order=order, engine="forward", batch_size=64))
+        chunk = 8 if order == 2 else 16  # vmap multiplies activations by m: small chunks
+
+        def vmap_all(order=order, chunk=chunk):
+            parts = []
+            for c in batch.split(chunk):
+                def both(v, c=c):
+                    def f(point, c=c):
+                        return loss(point, c)
+
+                    if order == 1:
+                        return jvp(f, (theta,), (v,))[1]
+                    return jvp(lambda p: jvp(f, (p,), (v,))[1], (theta,), (v,))[1]
+                parts.append(vmap(both)(vectors))
+            return torch.cat(parts, 1)
+
+        batched, got = timed(vmap_all)
+        reference = out[1] if order == 2 else out[0]
+        error = float((got - reference).abs().max() / reference.abs().max())
+        print(f"  order {order}: loop {loop:.2f} s, vmap {batched:.2f} s "
+              f"(loop ÷ vmap {loop / batched:.2f}; rel. diff. {error:.0e})", flush=True)
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--demo-sequences", type=int, default=1250)
-    parser.add_argument("--paper-sequences", type=int, default=16)
-    parser.add_argument("--vectors", type=int, default=8)
+    parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    parser.add_argument("--vectors", type=int, nargs="+", default=[10, 50])
+    parser.add_argument("--sweep", action="store_true", help="jet chunk-size sweep")
+    parser.add_argument("--hf", action="store_true", help="generic engines on HF GPT-2")
+    parser.add_argument("--demo-sequences", type=int, default=1250, help="5000 tokens")
     args = parser.parse_args()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"{platform.processor() or platform.machine()}, python {platform.python_version()}")
-    bench_shape("demo (2 layers, d 128, MLP 512)", 2, 128, 512, args.demo_sequences,
-                {("naive", 1): 4, ("naive", 2): 1, ("reverse", 2): 2},
-                args.vectors, torch.float64)
-    bench_shape("paper (3 layers, d 512, MLP 2048)", 3, 512, 2048, args.paper_sequences,
-                {("naive", 1): 2, ("naive", 2): 1, ("reverse", 1): 4, ("reverse", 2): 1},
-                args.vectors, torch.float32)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(f"\npeak resident memory of the benchmark process: {peak:.0f} MiB")
+    SHAPES["demo"]["sequences"] = args.demo_sequences
+    torch.set_num_threads(1)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread, "
+          f"{platform.processor() or platform.machine()}, python {platform.python_version()}, "
+          f"load {os.getloadavg()}")
+    demo_runs = []
+    for name in args.shapes:
+        shape = SHAPES[name]
+        for m in args.vectors:
+            # the naive loop and reverse second order are slow: a few tokens, extrapolated
+            few = 8 if name == "demo" else 1
+            slow = {("naive", 1): 4 * few, ("naive", 2): few, ("reverse", 2): 4 * few}
+            if name == "paper":
+                slow[("reverse", 1)] = 8
+            run = bench(f"{name} shape", shape, m, slow)
+            if name == "demo":
+                demo_runs.append(run)
+        if args.sweep:
+            for m in args.vectors:
+                sweep(shape, m)
+    if len(demo_runs) == 2:
+        cost_constants(demo_runs)
+    if args.hf:
+        hf_generic(10)
+    with open("/proc/self/status") as status:
+        peak = int(status.read().split("VmHWM:")[1].split()[0]) / 1024
+    print(f"\npeak resident memory of the benchmark process: {peak:.0f} MiB; "
+          f"load {os.getloadavg()}")
 
 
 if __name__ == "__main__":
