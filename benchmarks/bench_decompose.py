@@ -6,11 +6,11 @@ order) and bᵀ∇²ℓ_x b (exact second order) in these ways, in one process, 
   naive    a Python loop over tokens: one forward per sequence, ``torch.autograd.grad`` per
            token (first order) and a double-backward Hessian-vector product per token and
            vector (second order);
-  loop     ``engine="forward"``: one ``jvp`` (first order) or jvp-of-jvp (both orders) per
-           vector, the engine before the jet; with the decompose stage's 512-sequence chunks
-           and with 64-sequence chunks;
-  vmap     ``torch.func.vmap`` over the vectors of the same jvp / jvp-of-jvp (chunked like
-           the jet);
+  loop     one ``jvp`` (first order) or jvp-of-jvp (both orders) per vector in a Python loop:
+           the engine before the jet (``engine="forward"`` up to polca 2e6cd48), with the
+           decompose stage's 512-sequence chunks and with 64-sequence chunks;
+  vmap     ``engine="forward"`` now: ``torch.func.vmap`` over the vectors of the same
+           jvp / jvp-of-jvp, in chunks of about FORWARD_CHUNK_POSITIONS positions × vectors;
   reverse  ``engine="reverse"``: per-sample gradients projected (forward-over-reverse for
            second order);
   jet      ``engine="jet"``: Taylor-mode propagation of all vectors at once (``polca.jet``).
@@ -24,7 +24,8 @@ Every method's numbers are compared with the jet's on the tokens both computed.
 
 ``--sweep`` times the jet against its chunk size (what :data:`polca.directional.JET_CHUNK_BYTES`
 and ``JET_MIN_ROWS`` are set from); ``--hf`` adds the generic engines on a Hugging Face GPT-2
-of the demo shape (vmap against the loop, for the generic fallback).
+of the demo shape (vmap against the loop, for the generic fallback) and a sweep of the vmapped
+forward engine's chunk (what ``FORWARD_CHUNK_POSITIONS`` is set from).
 
 Run:  OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_decompose.py   (about 15 min, 1 thread)
 """
@@ -38,9 +39,10 @@ import platform
 import time
 
 import torch
-from torch.func import jvp, vmap
+from torch.func import jvp
 from torch.utils.flop_counter import FlopCounterMode, bmm_flop
 
+import polca.directional
 from polca.directional import (
     JET_CHUNK_BYTES,
     JET_MIN_ROWS,
@@ -91,26 +93,31 @@ def naive(loss, theta, batch, vectors, order):
     return torch.stack(firsts, 1), (torch.stack(seconds, 1) if order == 2 else None)
 
 
-def vmapped(loss, theta, batch, vectors, order):
-    """vmap over the vectors of jvp (first order) or jvp-of-jvp (both), in jet-sized chunks."""
-    sequences, directions = jet_chunks(loss.module.cfg, batch, len(vectors), order, theta,
-                                       STAGE_BATCH)
-    firsts, seconds = [], []
-    for chunk in batch.split(sequences):
-        def losses(point, chunk=chunk):
-            return loss(point, chunk)
+def loop(batch_size):
+    """The forward engine before the jet (polca 2e6cd48): per chunk of ``batch_size``
+    sequences, a Python loop over the vectors of jvp (first order) or jvp-of-jvp (both)."""
+    def run(loss, theta, batch, vectors, order):
+        firsts, seconds = [], []
+        for chunk in batch.split(batch_size):
+            def losses(point, chunk=chunk):
+                return loss(point, chunk)
 
-        def both(v):
-            if order == 1:
-                return (jvp(losses, (theta,), (v,))[1],)
-            return jvp(lambda p: jvp(losses, (p,), (v,)), (theta,), (v,))[1]
+            for v in vectors:
+                if order == 1:
+                    firsts.append(jvp(losses, (theta,), (v,))[1])
+                    continue
+                first, second = jvp(lambda p, v=v: jvp(losses, (p,), (v,)), (theta,), (v,))[1]
+                firsts.append(first)
+                seconds.append(second)
+        m = len(vectors)
+        return _by_chunk(firsts, m), (_by_chunk(seconds, m) if order == 2 else None)
+    return run
 
-        parts = [vmap(both)(vectors[i: i + directions])
-                 for i in range(0, len(vectors), directions)]
-        firsts.append(torch.cat([part[0] for part in parts]))
-        if order == 2:
-            seconds.append(torch.cat([part[1] for part in parts]))
-    return torch.cat(firsts, 1), (torch.cat(seconds, 1) if order == 2 else None)
+
+def _by_chunk(rows, m):
+    """Per-chunk lists of m ``[tokens]`` rows -> ``[m, tokens]``."""
+    chunks = [torch.stack(rows[i: i + m]) for i in range(0, len(rows), m)]
+    return torch.cat(chunks, 1)
 
 
 def engine(name, batch_size=STAGE_BATCH):
@@ -122,9 +129,9 @@ def engine(name, batch_size=STAGE_BATCH):
 
 METHODS = {
     "naive": naive,
-    "loop (512-seq. chunks)": engine("forward"),
-    "loop (64-seq. chunks)": engine("forward", 64),
-    "vmap": vmapped,
+    "loop (512-seq. chunks)": loop(STAGE_BATCH),
+    "loop (64-seq. chunks)": loop(64),
+    "vmap (engine='forward')": engine("forward"),
     "reverse": engine("reverse"),
     "jet": engine("jet"),
 }
@@ -250,7 +257,7 @@ def cost_constants(demo_runs):
         jb = b[order]["seconds"]["jet"] / b["forward"]
         per_direction = (jb - ja) / (b["m"] - a["m"])
         out[f"JET_COST[{order}]"] = (ja - per_direction * a["m"], per_direction)
-        out[f"FORWARD_COST[{order}]"] = a[order]["seconds"]["loop (512-seq. chunks)"] / (
+        out[f"FORWARD_COST[{order}]"] = a[order]["seconds"]["vmap (engine='forward')"] / (
             a["forward"] * a["m"])
     k = a["k"]
     reverse1 = a[1]["seconds"]["reverse"] / a["forward"]
@@ -287,8 +294,10 @@ def sweep(shape, m):
         print(f"  order {order}: " + ", ".join(line), flush=True)
 
 
-def hf_generic(m):
-    """The generic engines (loop against vmap) on a Hugging Face GPT-2 of the demo shape."""
+def hf_generic(m, repeats=3):
+    """The generic engines, the per-direction loop (before) against vmap over directions
+    (``engine="forward"``), on a Hugging Face GPT-2 of the demo shape; interleaved runs, best
+    of ``repeats``."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from polca.models.hf import HFTokenLoss
@@ -296,36 +305,41 @@ def hf_generic(m):
     torch.manual_seed(0)
     model = GPT2LMHeadModel(GPT2Config(vocab_size=12, n_positions=12, n_embd=64, n_layer=2,
                                        n_head=4, n_inner=256, tie_word_embeddings=False,
+                                       bos_token_id=0, eos_token_id=0,
                                        activation_function="gelu")).double()
     loss = HFTokenLoss(model)
     theta = loss.space.flatten(dict(model.named_parameters())).detach()
-    _, _, batch = make_problem(1, 8, 8, 256, torch.float64)
+    _, _, batch = make_problem(1, 8, 8, 512, torch.float64)
     vectors = torch.randn(m, theta.numel(), dtype=torch.float64)
-    print(f"\nHugging Face GPT-2 (demo shape, float64, {batch.n_tokens} tokens, m = {m}); "
-          f"load {os.getloadavg()[0]:.1f}")
+    runs = {"loop, 64-seq. chunks": loop(64), "loop, 512-seq. chunks": loop(STAGE_BATCH),
+            "engine='forward' (vmap)": engine("forward")}
+    print(f"\nHugging Face GPT-2 (demo shape, float64, {batch.n_tokens} tokens, m = {m}), "
+          f"interleaved, best of {repeats}; load {os.getloadavg()[0]:.1f}")
     for order in (2, 1):
-        loop, out = timed(lambda order=order: directional_derivatives(
-            loss, theta, vectors, batch, order=order, engine="forward", batch_size=64))
-        chunk = 8 if order == 2 else 16  # vmap multiplies activations by m: small chunks
-
-        def vmap_all(order=order, chunk=chunk):
-            parts = []
-            for c in batch.split(chunk):
-                def both(v, c=c):
-                    def f(point, c=c):
-                        return loss(point, c)
-
-                    if order == 1:
-                        return jvp(f, (theta,), (v,))[1]
-                    return jvp(lambda p: jvp(f, (p,), (v,))[1], (theta,), (v,))[1]
-                parts.append(vmap(both)(vectors))
-            return torch.cat(parts, 1)
-
-        batched, got = timed(vmap_all)
-        reference = out[1] if order == 2 else out[0]
-        error = float((got - reference).abs().max() / reference.abs().max())
-        print(f"  order {order}: loop {loop:.2f} s, vmap {batched:.2f} s "
-              f"(loop ÷ vmap {loop / batched:.2f}; rel. diff. {error:.0e})", flush=True)
+        best = dict.fromkeys(runs, float("inf"))
+        outputs = {}
+        for _ in range(repeats):
+            for name, run in runs.items():
+                start = time.perf_counter()
+                outputs[name] = run(loss, theta, batch, vectors, order)[order - 1]
+                best[name] = min(best[name], time.perf_counter() - start)
+        reference = outputs["loop, 64-seq. chunks"]
+        line = ", ".join(
+            f"{name} {seconds:.2f} s (rel. diff. "
+            f"{float((outputs[name] - reference).abs().max() / reference.abs().max()):.0e})"
+            for name, seconds in best.items())
+        print(f"  order {order}: {line}", flush=True)
+    default = polca.directional.FORWARD_CHUNK_POSITIONS
+    for order in (2, 1):
+        line = []
+        for positions in (192, 384, 768, 1536, 6144):
+            polca.directional.FORWARD_CHUNK_POSITIONS = positions
+            seconds, _ = timed(lambda order=order: engine("forward")(loss, theta, batch,
+                                                                      vectors, order))
+            line.append(f"{positions}: {seconds:.2f} s")
+        polca.directional.FORWARD_CHUNK_POSITIONS = default
+        print(f"  engine='forward', order {order}, by FORWARD_CHUNK_POSITIONS: "
+              + ", ".join(line), flush=True)
 
 
 def main():

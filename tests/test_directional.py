@@ -216,3 +216,35 @@ def test_auto_falls_back_to_forward_mode_when_the_model_cannot_be_vmapped():
     first, _ = directional_derivatives(loss, theta, index, batch, order=1, engine="auto")
     torch.testing.assert_close(first, autograd_token_gradients(loss, theta, batch)[:, index].T,
                                rtol=0, atol=1e-10)
+
+
+class _Identity(torch.autograd.Function):
+    """An identity with a forward-mode rule but no vmap rule (a user's custom operation)."""
+
+    @staticmethod
+    def forward(x):
+        return x.clone()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def jvp(ctx, tangent):
+        return tangent.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+def test_forward_mode_falls_back_to_a_loop_when_directions_cannot_be_vmapped(problem):
+    loss, theta, batch, V, gradients, _ = problem
+
+    def custom(point, probe):  # a user's token loss (first order only: the custom
+        return _Identity.apply(loss(point, probe))  # operation has no second-order rule)
+
+    custom.space = loss.space
+    with pytest.warns(RuntimeWarning, match="vmap over directions failed"):
+        first, _ = directional_derivatives(custom, theta, V, batch, order=1, engine="forward")
+    torch.testing.assert_close(first, V @ gradients.T, rtol=0, atol=1e-10)

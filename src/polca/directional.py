@@ -1,25 +1,31 @@
 """Directional derivatives of every scored token's loss: ⟨v, ∇ℓ_x(θ)⟩ and vᵀ∇²ℓ_x(θ)v.
 
-Two engines compute the same numbers along different computational paths:
+Three engines compute the same numbers along different computational paths:
 
-* ``forward``: ``torch.func.jvp`` over all tokens of a chunk at once, one direction at a time
-  (a Python loop over directions is faster than ``vmap`` over them on CPU). Second order by
-  jvp-of-jvp: one nested jvp gives both the first and the second directional derivative.
-  Cost ∝ directions; memory O(tokens × directions).
-* ``reverse``: per-sample gradients (``vmap`` over sequences of ``jacrev`` of that sequence's
-  token losses) projected onto all directions at once; second order by forward-over-reverse
-  (jvp of the per-token gradients along v). Cost of first order is independent of the number
-  of directions, so it wins when directions are many and scored tokens per sequence few.
-  Per-sample gradients ``[sequences, scored, d]`` exist only for a chunk small enough for
-  ``memory_budget`` bytes.
+* ``jet`` (the built-in decoder only, :func:`polca.jet.supports`): second-order Taylor-mode
+  propagation of all m directions at once through the decoder's primitives
+  (:mod:`polca.jet`); both orders cost about (1 + 4m) forward passes of arithmetic, the first
+  alone (1 + 2m), in batched matrix products. Memory O(chunk × m), chunks sized by
+  :func:`jet_chunks`.
+* ``forward`` (any token loss): ``torch.func.jvp`` over all tokens of a chunk at once, one
+  direction at a time; second order by jvp-of-jvp, which gives both orders from one nested
+  call (about 10 forward passes per direction). Memory O(chunk).
+* ``reverse`` (any token loss that ``vmap`` can batch over sequences): per-sample gradients
+  (``vmap`` over sequences of ``jacrev`` of that sequence's token losses) projected onto all
+  directions in one product; second order by forward-over-reverse. The first order's cost
+  does not grow with the number of directions, so it wins for many directions (the
+  50-parameter LCA baseline). Per-sample gradients ``[sequences, scored, d]`` exist only for a
+  chunk small enough for ``memory_budget`` bytes.
 
-``engine="auto"`` picks by :func:`choose_engine`, a cost model measured on CPU (see
-``benchmarks/bench_decompose.py``): forward mode unless directions are many per scored token
-(first order, m ≳ 6 k for k scored tokens per sequence). Results are float64.
+``engine="auto"`` picks the cheapest by :func:`engine_costs`, a cost model whose constants are
+measured by ``benchmarks/bench_decompose.py`` (docs/benchmarks.md): the jet for the built-in
+decoder, forward mode for any other token loss, reverse mode for first order with many
+directions per scored token. When reverse mode was picked and the model cannot be vmapped over
+sequences, auto falls back to forward mode. Results are float64 whatever the engine.
 
 Directions are either a dense matrix ``[m, d]`` or a 1-D integer tensor of ``m`` coordinate
-indices, meaning the axis-aligned unit vectors e_i (LCA over single parameters) without ever
-materialising an ``[m, d]`` one-hot matrix.
+indices, meaning the axis-aligned unit vectors e_i (LCA over single parameters), materialised
+at most a chunk of rows at a time.
 
 Example:
     >>> from polca.models.decoder import Decoder, DecoderConfig
@@ -38,6 +44,7 @@ Example:
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import Literal
 
@@ -59,6 +66,9 @@ JET_COST = {1: (1.0, 1.5), 2: (1.0, 2.5)}
 FORWARD_COST = {1: 3.0, 2: 10.0}
 REVERSE_GRADIENT_COST = 15.0
 REVERSE_HVP_COST = 30.0
+# Forward-mode chunks: sequences × directions × positions per vmapped call (the fastest on the
+# demo shape, 6 sequences × 10 directions × 12 positions: benchmarks/bench_decompose.py --hf)
+FORWARD_CHUNK_POSITIONS = 768
 # Jet chunks (see jet_chunks): the widest activation's jet near this many bytes, and at least
 # this many positions per chunk; measured as the fastest setting on both benchmark shapes.
 JET_CHUNK_BYTES = 2**20
@@ -178,16 +188,15 @@ def mean_loss_gradient(
     return total / n
 
 
-# jet (built-in decoder) ------------------------------------------------------------------------
-def _jet(loss, theta, tangents, batch: ProbeBatch, order: int, batch_size: int,
-         memory_budget: int):
-    """Both orders for all directions by :func:`polca.jet.token_loss_jet`, chunked over
-    sequences (and, when m is large, directions) by :func:`jet_chunks`."""
+# engines: each maps (loss, θ, tangents, batch, order, batch_size, memory_budget) to the
+# [m, tokens] results, by a chunk size and a function of one chunk of sequences and directions
+def _over_chunks(run, theta, tangents, batch: ProbeBatch, order: int, sequences: int,
+                 directions: int):
+    """``run(tangent rows, chunk) -> (first, second)`` over chunks of ``sequences`` sequences
+    and ``directions`` directions, written into ``[m, tokens]`` results."""
     m = len(tangents)
     first = theta.new_zeros(m, batch.n_tokens)
     second = theta.new_zeros(m, batch.n_tokens) if order == 2 else None
-    sequences, directions = jet_chunks(loss.module.cfg, batch, m, order, theta,
-                                       batch_size, memory_budget)
     column = 0
     for chunk in batch.split(sequences):
         columns = slice(column, column + chunk.n_tokens)
@@ -196,16 +205,26 @@ def _jet(loss, theta, tangents, batch: ProbeBatch, order: int, batch_size: int,
             continue
         for start in range(0, m, directions):
             rows = slice(start, start + directions)
-            out = jet.token_loss_jet(loss, theta, _dense_rows(tangents, rows), chunk, order)
-            first[rows, columns] = out.first
+            chunk_first, chunk_second = run(tangents[rows], chunk)
+            first[rows, columns] = chunk_first
             if second is not None:
-                second[rows, columns] = out.second
+                second[rows, columns] = chunk_second
     return first, second
+
+
+def _jet(loss, theta, tangents, batch, order, batch_size, memory_budget):
+    def run(rows, chunk):
+        out = jet.token_loss_jet(loss, theta, _dense(rows), chunk, order)
+        return out.first, out.second
+
+    sequences, directions = jet_chunks(loss.module.cfg, batch, len(tangents), order, theta,
+                                       batch_size, memory_budget)
+    return _over_chunks(run, theta, tangents, batch, order, sequences, directions)
 
 
 def jet_chunks(cfg, batch: ProbeBatch, m: int, order: int, theta: torch.Tensor,
                batch_size: int = 256, memory_budget: int = 2**28) -> tuple[int, int]:
-    """``(sequences, directions)`` per jet chunk.
+    """``(sequences, directions)`` per jet chunk for a decoder of config ``cfg``.
 
     The jet's cost is arithmetic (dense products) and memory traffic over its widest
     activation, ``[1 + order·m, sequences, length, width]``. Chunks are as small as keeps that
@@ -218,7 +237,8 @@ def jet_chunks(cfg, batch: ProbeBatch, m: int, order: int, theta: torch.Tensor,
     >>> cfg = DecoderConfig(vocab_size=12, context_length=12, d_model=64, n_heads=4, d_mlp=256)
     >>> ids = torch.zeros(1000, 12, dtype=torch.long)
     >>> batch = ProbeBatch(ids, ids, torch.ones(1000, 12, dtype=torch.bool))
-    >>> jet_chunks(cfg, batch, m=10, order=2, theta=torch.zeros(1))  # doctest: +SKIP
+    >>> jet_chunks(cfg, batch, m=10, order=2, theta=torch.zeros(100_000))
+    (11, 10)
     """
     used = batch.scored.any(0).nonzero()
     length = int(used.max()) + 1 if len(used) else 1
@@ -235,58 +255,72 @@ def jet_chunks(cfg, batch: ProbeBatch, m: int, order: int, theta: torch.Tensor,
     return int(sequences), int(directions)
 
 
-def _dense_rows(tangents, rows: slice) -> torch.Tensor:
-    """``[m', d]`` dense tangents for a slice of directions (coordinate rows materialised)."""
-    if isinstance(tangents, _OneHotRows):
-        indices = tangents.indices[rows]
-        dense = tangents.theta.new_zeros(len(indices), tangents.theta.numel())
-        dense[torch.arange(len(indices)), indices] = 1.0
-        return dense
-    return tangents[rows].contiguous()
+def _forward(loss, theta, tangents, batch, order, batch_size, memory_budget):
+    """jvp (first order) or jvp-of-jvp (both orders; one nested call gives both), vmapped
+    over a chunk of directions; a model that vmap cannot batch falls back to a loop over
+    directions (the same numbers, slower)."""
+    vmapped = True
+
+    def run(rows, chunk):
+        nonlocal vmapped
+        if vmapped:
+            try:
+                return _forward_vmap(loss, theta, _dense(rows), chunk, order)
+            except RuntimeError as err:
+                vmapped = False
+                warnings.warn(f"vmap over directions failed for this token loss ({err}); "
+                              "using a loop over directions", RuntimeWarning, stacklevel=4)
+        return _forward_loop(loss, theta, rows, chunk, order)
+
+    length = batch.input_ids.shape[1]
+    # sequences × directions × positions per call near FORWARD_CHUNK_POSITIONS, and never more
+    # sequences × directions than batch_size (the memory of batch_size sequences' activations)
+    directions = max(1, min(len(tangents), FORWARD_CHUNK_POSITIONS // length, batch_size))
+    sequences = max(1, min(batch_size // directions,
+                           FORWARD_CHUNK_POSITIONS // (length * directions)))
+    return _over_chunks(run, theta, tangents, batch, order, sequences, directions)
 
 
-def _chunked(run):
-    """A generic engine over the chunks of :func:`_chunks`: ``run`` maps one chunk to
-    ``(first [m, tokens], second [m, tokens] | None)``."""
-    engine = "forward" if run is _forward_chunk else "reverse"
-
-    def over_chunks(loss, theta, tangents, batch, order, batch_size, memory_budget):
-        firsts, seconds = [], []
-        for chunk in _chunks(batch, engine, batch_size, memory_budget, theta):
-            first, second = run(loss, theta, tangents, chunk, order)
-            firsts.append(first)
-            seconds.append(second)
-        first = torch.cat(firsts, dim=1) if firsts else theta.new_zeros(len(tangents), 0)
-        if order == 1:
-            return first, None
-        return first, (torch.cat(seconds, dim=1) if seconds else torch.zeros_like(first))
-
-    return over_chunks
-
-
-# forward mode ---------------------------------------------------------------------------------
-def _forward_chunk(loss, theta, tangents, chunk: ProbeBatch, order: int):
+def _along(loss, theta, chunk: ProbeBatch, order: int) -> Callable:
+    """tangent ``[d]`` -> ``(first [tokens], second [tokens] | None)`` by jvp, or by
+    jvp-of-jvp: the jvp of (ℓ, ⟨v,∇ℓ⟩) along v is (⟨v,∇ℓ⟩, vᵀ∇²ℓ v), both orders at once."""
     def token_losses(point):
         return loss(point, chunk)
 
-    firsts, seconds = [], []
-    for tangent in tangents:
+    def derivatives(tangent):
         if order == 1:
-            _, first = jvp(token_losses, (theta,), (tangent,))
-            firsts.append(first)
-            continue
+            return jvp(token_losses, (theta,), (tangent,))[1], None
+        return jvp(lambda point: jvp(token_losses, (point,), (tangent,)), (theta,),
+                   (tangent,))[1]
 
-        def along(point, tangent=tangent):
-            return jvp(token_losses, (point,), (tangent,))
-
-        # jvp of (ℓ, ⟨v,∇ℓ⟩) along v gives (⟨v,∇ℓ⟩, vᵀ∇²ℓ v): both orders from one nested call
-        _, (first, second) = jvp(along, (theta,), (tangent,))
-        firsts.append(first)
-        seconds.append(second)
-    return torch.stack(firsts), (torch.stack(seconds) if order == 2 else None)
+    return derivatives
 
 
-# reverse mode ---------------------------------------------------------------------------------
+def _forward_vmap(loss, theta, tangents: torch.Tensor, chunk: ProbeBatch, order: int):
+    derivatives = _along(loss, theta, chunk, order)
+    return vmap(derivatives, out_dims=(0, None if order == 1 else 0))(tangents)
+
+
+def _forward_loop(loss, theta, tangents, chunk: ProbeBatch, order: int):
+    derivatives = _along(loss, theta, chunk, order)
+    pairs = [derivatives(tangent) for tangent in tangents]
+    first = torch.stack([f for f, _ in pairs])
+    return first, (torch.stack([s for _, s in pairs]) if order == 2 else None)
+
+
+def _reverse(loss, theta, tangents, batch, order, batch_size, memory_budget):
+    """Per-sample gradients projected onto all directions at once, in chunks of sequences
+    whose gradients ``[sequences, scored, d]`` (about 3 copies) fit ``memory_budget``."""
+    if len(batch):
+        per_sequence = int(batch.scored.sum(1).max()) * theta.numel() * theta.element_size()
+        batch_size = max(1, min(batch_size, memory_budget // max(3 * per_sequence, 1)))
+
+    def run(rows, chunk):
+        return _reverse_chunk(loss, theta, rows, chunk, order)
+
+    return _over_chunks(run, theta, tangents, batch, order, batch_size, max(len(tangents), 1))
+
+
 def _reverse_chunk(loss, theta, tangents, chunk: ProbeBatch, order: int):
     m = len(tangents)
     counts = chunk.scored.sum(1)
@@ -342,8 +376,7 @@ def _project(gradients: torch.Tensor, tangents: torch.Tensor) -> torch.Tensor:
     return gradients @ tangents.T
 
 
-_forward = _chunked(_forward_chunk)
-_ENGINES = {"jet": _jet, "forward": _forward, "reverse": _chunked(_reverse_chunk)}
+_ENGINES = {"jet": _jet, "forward": _forward, "reverse": _reverse}
 
 
 # helpers --------------------------------------------------------------------------------------
@@ -361,9 +394,9 @@ class _VmapUnsupported(RuntimeError):
 
 
 class _OneHotRows:
-    """Rows e_i of the identity for the given indices, materialised one at a time, so an
-    ``[m, d]`` one-hot matrix is never allocated (forward mode iterates over them; reverse
-    mode selects gradient columns in :func:`_project`)."""
+    """Rows e_i of the identity for the given indices, materialised a chunk of directions at a
+    time, so an ``[m, d]`` one-hot matrix is never allocated (the jet and forward mode take
+    dense chunks; reverse mode selects gradient columns in :func:`_project`)."""
 
     def __init__(self, indices: torch.Tensor, theta: torch.Tensor):
         self.indices = indices.to(theta.device)
@@ -378,13 +411,19 @@ class _OneHotRows:
             row[i] = 1.0
             yield row
 
+    def __getitem__(self, rows: slice) -> _OneHotRows:
+        return _OneHotRows(self.indices[rows], self.theta)
 
-def _chunks(batch: ProbeBatch, engine: str, batch_size: int, memory_budget: int, theta):
-    if engine == "reverse" and len(batch):
-        per_sequence = int(batch.scored.sum(1).max()) * theta.numel() * theta.element_size()
-        # gradients and their tangents (second order) plus jacrev's workspace: about 3 copies
-        batch_size = max(1, min(batch_size, memory_budget // max(3 * per_sequence, 1)))
-    return batch.split(batch_size)
+    def dense(self) -> torch.Tensor:
+        """The ``[m, d]`` one-hot rows (for engines that take all directions of a chunk)."""
+        rows = self.theta.new_zeros(len(self.indices), self.theta.numel())
+        rows[torch.arange(len(self.indices)), self.indices] = 1.0
+        return rows
+
+
+def _dense(tangents) -> torch.Tensor:
+    """``[m, d]`` dense contiguous tangents (coordinate rows materialised)."""
+    return tangents.dense() if isinstance(tangents, _OneHotRows) else tangents.contiguous()
 
 
 def _check_inputs(loss, theta, directions, order, engine, batch_size) -> None:
