@@ -342,12 +342,66 @@ def hf_generic(m, repeats=3):
               + ", ".join(line), flush=True)
 
 
+def shipped_configs(root="configs"):
+    """``(name, DecoderConfig, probe batch)`` for every shipped config: addition and the
+    moving-window sum from their tasks' basis samples; text with random tokens of the
+    config's vocabulary and context, every position scored (as the text probe is)."""
+    from pathlib import Path
+
+    from polca.config import load_config
+    from polca.stages.common import build_model
+    from polca.tasks import make_task
+
+    for path in sorted(Path(root).glob("*.toml")):
+        cfg = load_config(path)
+        if cfg.task.kind == "text":
+            options = cfg.task.options
+            vocab, length = options["vocab_size"], options["context_length"]
+            decoder = DecoderConfig(vocab, length, cfg.model.n_layers, cfg.model.d_model,
+                                    cfg.model.n_heads, cfg.model.d_mlp, cfg.model.tied_head,
+                                    cfg.model.attention)
+            ids = torch.randint(0, vocab, (2, length), generator=torch.Generator().manual_seed(0))
+            batch = ProbeBatch(ids, torch.roll(ids, -1, 1), torch.ones_like(ids, dtype=torch.bool))
+        else:
+            task = make_task(cfg)
+            decoder = build_model(cfg, task).cfg
+            batch = task.basis_sample(16)
+        yield path.stem, decoder, batch
+
+
+def configs_agreement(m=3):
+    """The jet against the loop of jvp-of-jvp (the engine before it), float64, on every
+    shipped config's model (weights perturbed off the initialisation so curvature is not
+    tiny): the largest relative difference of each order."""
+    print(f"\njet against the jvp-of-jvp loop, float64, m = {m}, every shipped config")
+    print("| config | d | tokens | first order | second order |")
+    print("|---|---:|---:|---:|---:|")
+    for name, decoder, batch in shipped_configs():
+        torch.manual_seed(0)
+        model = Decoder(decoder).double()
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+        loss = ModuleTokenLoss(model)
+        theta = loss.space.flatten(dict(model.named_parameters())).detach()
+        vectors = torch.randn(m, theta.numel(), dtype=torch.float64)
+        vectors /= torch.linalg.vector_norm(vectors, dim=1, keepdim=True)
+        reference = loop(STAGE_BATCH)(loss, theta, batch, vectors, 2)
+        got = engine("jet")(loss, theta, batch, vectors, 2)
+        errors = [float((g - r).abs().max() / r.abs().max()) for g, r in zip(got, reference)]
+        print(f"| {name} | {theta.numel():,} | {batch.n_tokens} | {errors[0]:.0e} | "
+              f"{errors[1]:.0e} |", flush=True)
+        del model, loss, theta, vectors
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     parser.add_argument("--vectors", type=int, nargs="+", default=[10, 50])
     parser.add_argument("--sweep", action="store_true", help="jet chunk-size sweep")
     parser.add_argument("--hf", action="store_true", help="generic engines on HF GPT-2")
+    parser.add_argument("--configs", action="store_true",
+                        help="jet against jvp-of-jvp on every shipped config's model")
     parser.add_argument("--demo-sequences", type=int, default=1250, help="5000 tokens")
     args = parser.parse_args()
     SHAPES["demo"]["sequences"] = args.demo_sequences
@@ -374,6 +428,8 @@ def main():
         cost_constants(demo_runs)
     if args.hf:
         hf_generic(10)
+    if args.configs:
+        configs_agreement()
     with open("/proc/self/status") as status:
         peak = int(status.read().split("VmHWM:")[1].split()[0]) / 1024
     print(f"\npeak resident memory of the benchmark process: {peak:.0f} MiB; "

@@ -227,7 +227,8 @@ def jet_chunks(cfg, batch: ProbeBatch, m: int, order: int, theta: torch.Tensor,
     """``(sequences, directions)`` per jet chunk for a decoder of config ``cfg``.
 
     The jet's cost is arithmetic (dense products) and memory traffic over its widest
-    activation, ``[1 + order·m, sequences, length, width]``. Chunks are as small as keeps that
+    activation, ``[1 + order·m, sequences, length, width]`` (width: qkv, MLP, attention scores
+    or logits). Chunks are as small as keeps that
     activation near :data:`JET_CHUNK_BYTES` (cache-resident), but with at least
     :data:`JET_MIN_ROWS` positions so the weight-tangent products stay efficient; directions are
     split only when one sequence's jet, or an ``[m, d]`` block of coordinate tangents, would
@@ -242,7 +243,8 @@ def jet_chunks(cfg, batch: ProbeBatch, m: int, order: int, theta: torch.Tensor,
     """
     used = batch.scored.any(0).nonzero()
     length = int(used.max()) + 1 if len(used) else 1
-    width = max(3 * cfg.d_model, cfg.mlp_width, cfg.n_heads * length)
+    # the widest activation per position: qkv, the MLP, attention scores, or the logits
+    width = max(3 * cfg.d_model, cfg.mlp_width, cfg.n_heads * length, cfg.vocab_size)
     position = length * width * theta.element_size()  # one component at one sequence
     directions = m
     if position * _LIVE_ACTIVATIONS * (1 + order * m) > memory_budget:
