@@ -7,9 +7,11 @@ Three engines compute the same numbers along different computational paths:
   (:mod:`polca.jet`); both orders cost about (1 + 4m) forward passes of arithmetic, the first
   alone (1 + 2m), in batched matrix products. Memory O(chunk × m), chunks sized by
   :func:`jet_chunks`.
-* ``forward`` (any token loss): ``torch.func.jvp`` over all tokens of a chunk at once, one
-  direction at a time; second order by jvp-of-jvp, which gives both orders from one nested
-  call (about 10 forward passes per direction). Memory O(chunk).
+* ``forward`` (any token loss): ``torch.func.jvp`` over all tokens of a chunk at once,
+  ``vmap``-ped over a chunk of directions (a loop over them when the loss cannot be vmapped);
+  second order by jvp-of-jvp, which gives both orders from one nested call (about 10 forward
+  passes per direction). Memory O(chunk), chunks of about :data:`FORWARD_CHUNK_POSITIONS`
+  positions × directions, never more sequences × directions than ``batch_size``.
 * ``reverse`` (any token loss that ``vmap`` can batch over sequences): per-sample gradients
   (``vmap`` over sequences of ``jacrev`` of that sequence's token losses) projected onto all
   directions in one product; second order by forward-over-reverse. The first order's cost
@@ -128,9 +130,10 @@ def directional_derivatives(
         order: 1 (first only) or 2 (first and second).
         engine: ``"jet"`` (built-in decoder only), ``"forward"``, ``"reverse"`` or ``"auto"``
             (the cheapest by the cost model of :func:`choose_engine`).
-        batch_size: the most sequences in one chunk (the jet picks fewer when that is faster).
-        memory_budget: bytes allowed for one chunk's per-sample gradients (reverse mode) or
-            one chunk's jet (jet).
+        batch_size: the most sequences in one chunk (the jet and forward mode pick fewer when
+            that is faster; forward mode counts sequences × directions).
+        memory_budget: bytes allowed for one chunk's per-sample gradients (reverse mode), one
+            chunk's jet, or one chunk of materialised coordinate directions.
 
     Returns:
         ``first [m, tokens]`` float64 with ⟨v, ∇ℓ_x(θ)⟩ and ``second [m, tokens]`` float64 with
@@ -277,7 +280,8 @@ def _forward(loss, theta, tangents, batch, order, batch_size, memory_budget):
     length = batch.input_ids.shape[1]
     # sequences × directions × positions per call near FORWARD_CHUNK_POSITIONS, and never more
     # sequences × directions than batch_size (the memory of batch_size sequences' activations)
-    directions = max(1, min(len(tangents), FORWARD_CHUNK_POSITIONS // length, batch_size))
+    directions = max(1, min(len(tangents), FORWARD_CHUNK_POSITIONS // length, batch_size,
+                            memory_budget // (theta.numel() * theta.element_size())))
     sequences = max(1, min(batch_size // directions,
                            FORWARD_CHUNK_POSITIONS // (length * directions)))
     return _over_chunks(run, theta, tangents, batch, order, sequences, directions)
@@ -383,7 +387,7 @@ _ENGINES = {"jet": _jet, "forward": _forward, "reverse": _reverse}
 
 # helpers --------------------------------------------------------------------------------------
 def _coordinate_tangents(indices: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
-    """One-hot tangents for coordinate indices; a sparse-friendly [m, d] built row by row."""
+    """One-hot tangents for coordinate indices, materialised a chunk of rows at a time."""
     if indices.dim() != 1:
         raise ValueError(f"coordinate directions must be a 1-D index tensor, got {tuple(indices.shape)}")
     if len(indices) and (int(indices.min()) < 0 or int(indices.max()) >= theta.numel()):

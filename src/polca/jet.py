@@ -116,14 +116,15 @@ def token_loss_jet(
         raise ValueError(f"order must be 1 or 2, got {order}")
     module: Decoder = loss.module
     m = tangents.shape[0]
+    if batch.input_ids.shape[1] > module.cfg.context_length:
+        raise ValueError(f"sequence length {batch.input_ids.shape[1]} exceeds context "
+                         f"{module.cfg.context_length}")
     used = batch.scored.any(0).nonzero()[:, 0]
     if len(used) == 0:
         return Jet(theta.new_zeros(0), theta.new_zeros(m, 0),
                    theta.new_zeros(m, 0) if order == 2 else None)
     # attention is causal: positions after the last scored one change no scored loss
     length = int(used[-1]) + 1
-    if length > module.cfg.context_length:
-        raise ValueError(f"sequence length {length} exceeds context {module.cfg.context_length}")
     ids, scored = batch.input_ids[:, :length], batch.scored[:, :length]
     params = _parameters(loss, theta, tangents)
     second_order = order == 2
