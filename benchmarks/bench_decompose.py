@@ -36,6 +36,8 @@ import argparse
 import ctypes
 import os
 import platform
+import subprocess
+import sys
 import time
 
 import torch
@@ -161,23 +163,33 @@ def flops(fn) -> int:
     return counter.get_total_flops()
 
 
-def rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+def status_kib(field: str) -> int:
+    with open("/proc/self/status") as status:
+        return int(status.read().split(f"{field}:")[1].split()[0])
 
 
-def peak_memory(fn) -> int:
-    """Bytes of resident memory ``fn`` adds at its peak, run in a forked child."""
-    ctypes.CDLL("libc.so.6").malloc_trim(0)  # freed heap would hide the child's allocations
-    baseline = rss()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - the child
-        try:
-            fn()
-        finally:
-            os._exit(0)
-    _, _, usage = os.wait4(pid, 0)
-    return max(usage.ru_maxrss * 1024 - baseline, 0)
+def peak_memory(shape: str, m: int, method: str, order: int, tokens: int | None) -> int:
+    """Bytes of resident memory ``method`` adds at its peak, measured in a fresh process (so
+    no freed heap of earlier methods hides its allocations) on the first ``tokens`` scored
+    tokens (None: the first STAGE_BATCH sequences)."""
+    command = [sys.executable, __file__, "--memory-child", shape, str(m), method, str(order),
+               str(tokens or 0), "--demo-sequences", str(SHAPES["demo"]["sequences"])]
+    out = subprocess.run(command, capture_output=True, text=True, check=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return int(out.stdout.split()[-1])
+
+
+def memory_child(shape: str, m: int, method: str, order: int, tokens: int) -> None:
+    """The child of :func:`peak_memory`: prints the bytes the method added to the peak RSS."""
+    torch.set_num_threads(1)
+    loss, theta, batch, vectors = problem_and_vectors(SHAPES[shape], m)
+    sub = first_tokens(batch, tokens) if tokens else batch[:STAGE_BATCH]
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    with open("/proc/self/clear_refs", "w") as refs:
+        refs.write("5")  # resets the peak RSS (VmHWM) to the current RSS
+    before = status_kib("VmRSS")
+    METHODS[method](loss, theta, sub, vectors, order)
+    print((status_kib("VmHWM") - before) * 1024)
 
 
 def relative_difference(out, reference, order):
@@ -194,12 +206,20 @@ def first_tokens(batch: ProbeBatch, n: int) -> ProbeBatch:
     return ProbeBatch(batch.input_ids[:rows], batch.targets[:rows], scored[:rows])
 
 
-def bench(label, shape, m, slow_tokens, skip=()):
+def problem_and_vectors(shape, m):
+    """The benchmark problem of a shape and m unit vectors (seeded: a memory child rebuilds it)."""
     loss, theta, batch = make_problem(shape["n_layers"], shape["d_model"], shape["d_mlp"],
                                       shape["sequences"], shape["dtype"])
     generator = torch.Generator().manual_seed(1)
     vectors = torch.randn(m, theta.numel(), generator=generator, dtype=shape["dtype"])
     vectors /= torch.linalg.vector_norm(vectors, dim=1, keepdim=True)
+    return loss, theta, batch, vectors
+
+
+def bench(shape_name, m, slow_tokens, skip=()):
+    shape = SHAPES[shape_name]
+    label = f"{shape_name} shape"
+    loss, theta, batch, vectors = problem_and_vectors(shape, m)
     tokens, k = batch.n_tokens, batch.n_tokens / len(batch)
     token_losses(loss, theta, batch[:8])  # warm-up
     forward_seconds, _ = timed(lambda: token_losses(loss, theta, batch, 256))
@@ -229,9 +249,8 @@ def bench(label, shape, m, slow_tokens, skip=()):
             counted[name] = flops(lambda method=method, flop_sub=flop_sub, order=order:
                                   method(loss, theta, flop_sub, vectors, order)) / (
                 flop_sub.n_tokens * forward_flops)
-            memory_sub = sub if slow else batch[:STAGE_BATCH]
-            memory[name] = peak_memory(lambda method=method, memory_sub=memory_sub, order=order:
-                                       method(loss, theta, memory_sub, vectors, order))
+            memory[name] = peak_memory(shape_name, m, name, order,
+                                       slow_tokens[(name, order)] if slow else None)
         for name, elapsed in seconds.items():
             tag = " (extrap.)" if name in extrapolated else ""
             print(f"| {order} | {name} | {elapsed:.2f}{tag} | "
@@ -329,17 +348,21 @@ def hf_generic(m, repeats=3):
             f"{float((outputs[name] - reference).abs().max() / reference.abs().max()):.0e})"
             for name, seconds in best.items())
         print(f"  order {order}: {line}", flush=True)
-    default = polca.directional.FORWARD_CHUNK_POSITIONS
-    for order in (2, 1):
-        line = []
-        for positions in (192, 384, 768, 1536, 6144):
+    # the vmapped engine's chunk: directions per call and positions × directions per call
+    vectors = torch.randn(2 * m, theta.numel(), dtype=torch.float64)
+    defaults = (polca.directional.FORWARD_CHUNK_DIRECTIONS,
+                polca.directional.FORWARD_CHUNK_POSITIONS)
+    line = []
+    for directions in (m, 2 * m):
+        for positions in (768, 3072, 12288):
+            polca.directional.FORWARD_CHUNK_DIRECTIONS = directions
             polca.directional.FORWARD_CHUNK_POSITIONS = positions
-            seconds, _ = timed(lambda order=order: engine("forward")(loss, theta, batch,
-                                                                      vectors, order))
-            line.append(f"{positions}: {seconds:.2f} s")
-        polca.directional.FORWARD_CHUNK_POSITIONS = default
-        print(f"  engine='forward', order {order}, by FORWARD_CHUNK_POSITIONS: "
-              + ", ".join(line), flush=True)
+            seconds, _ = timed(lambda: engine("forward")(loss, theta, batch, vectors, 2))
+            line.append(f"{directions} × {positions}: {seconds:.2f} s")
+    (polca.directional.FORWARD_CHUNK_DIRECTIONS,
+     polca.directional.FORWARD_CHUNK_POSITIONS) = defaults
+    print(f"  engine='forward', order 2, m = {2 * m}, by FORWARD_CHUNK_DIRECTIONS × "
+          "FORWARD_CHUNK_POSITIONS: " + ", ".join(line), flush=True)
 
 
 def shipped_configs(root="configs"):
@@ -403,7 +426,13 @@ def main():
     parser.add_argument("--configs", action="store_true",
                         help="jet against jvp-of-jvp on every shipped config's model")
     parser.add_argument("--demo-sequences", type=int, default=1250, help="5000 tokens")
+    parser.add_argument("--memory-child", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.memory_child:
+        shape, m, method, order, tokens = args.memory_child
+        SHAPES["demo"]["sequences"] = args.demo_sequences
+        memory_child(shape, int(m), method, int(order), int(tokens))
+        return
     SHAPES["demo"]["sequences"] = args.demo_sequences
     torch.set_num_threads(1)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread, "
@@ -414,11 +443,11 @@ def main():
         shape = SHAPES[name]
         for m in args.vectors:
             # the naive loop and reverse second order are slow: a few tokens, extrapolated
-            few = 8 if name == "demo" else 1
+            few = max(1, 80 // m) if name == "demo" else 1  # tokens, as the vectors grow
             slow = {("naive", 1): 4 * few, ("naive", 2): few, ("reverse", 2): 4 * few}
             if name == "paper":
                 slow[("reverse", 1)] = 8
-            run = bench(f"{name} shape", shape, m, slow)
+            run = bench(name, m, slow)
             if name == "demo":
                 demo_runs.append(run)
         if args.sweep:

@@ -10,8 +10,9 @@ Three engines compute the same numbers along different computational paths:
 * ``forward`` (any token loss): ``torch.func.jvp`` over all tokens of a chunk at once,
   ``vmap``-ped over a chunk of directions (a loop over them when the loss cannot be vmapped);
   second order by jvp-of-jvp, which gives both orders from one nested call (about 10 forward
-  passes per direction). Memory O(chunk), chunks of about :data:`FORWARD_CHUNK_POSITIONS`
-  positions × directions, never more sequences × directions than ``batch_size``.
+  passes per direction). Memory O(chunk): chunks of at most :data:`FORWARD_CHUNK_DIRECTIONS`
+  directions and about :data:`FORWARD_CHUNK_POSITIONS` positions × directions, never more
+  sequences × directions than ``batch_size``.
 * ``reverse`` (any token loss that ``vmap`` can batch over sequences): per-sample gradients
   (``vmap`` over sequences of ``jacrev`` of that sequence's token losses) projected onto all
   directions in one product; second order by forward-over-reverse. The first order's cost
@@ -68,9 +69,11 @@ JET_COST = {1: (1.0, 1.5), 2: (1.0, 2.5)}
 FORWARD_COST = {1: 3.0, 2: 10.0}
 REVERSE_GRADIENT_COST = 15.0
 REVERSE_HVP_COST = 30.0
-# Forward-mode chunks: sequences × directions × positions per vmapped call (the fastest on the
-# demo shape, 6 sequences × 10 directions × 12 positions: benchmarks/bench_decompose.py --hf)
-FORWARD_CHUNK_POSITIONS = 768
+# Forward-mode chunks: at most this many directions per vmapped call, and sequences ×
+# directions × positions near this many (the fastest settings measured with
+# benchmarks/bench_decompose.py --hf; docs/benchmarks.md)
+FORWARD_CHUNK_DIRECTIONS = 10
+FORWARD_CHUNK_POSITIONS = 3072
 # Jet chunks (see jet_chunks): the widest activation's jet near this many bytes, and at least
 # this many positions per chunk; measured as the fastest setting on both benchmark shapes.
 JET_CHUNK_BYTES = 2**20
@@ -280,7 +283,9 @@ def _forward(loss, theta, tangents, batch, order, batch_size, memory_budget):
     length = batch.input_ids.shape[1]
     # sequences × directions × positions per call near FORWARD_CHUNK_POSITIONS, and never more
     # sequences × directions than batch_size (the memory of batch_size sequences' activations)
-    directions = max(1, min(len(tangents), FORWARD_CHUNK_POSITIONS // length, batch_size,
+    # nor more materialised coordinate directions than memory_budget
+    directions = max(1, min(len(tangents), FORWARD_CHUNK_DIRECTIONS, batch_size,
+                            FORWARD_CHUNK_POSITIONS // length,
                             memory_budget // (theta.numel() * theta.element_size())))
     sequences = max(1, min(batch_size // directions,
                            FORWARD_CHUNK_POSITIONS // (length * directions)))
