@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from oracles import orthonormal, token_gradients, token_hessians
 
 from polca.directional import choose_engine, directional_derivatives, mean_loss_gradient
 from polca.functional import ModuleTokenLoss, ProbeBatch
@@ -30,35 +31,12 @@ def tiny_problem(d_model=4, n_layers=1, seed=0):
     return loss, theta, batch
 
 
-def orthonormal(d, m, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return torch.linalg.qr(torch.randn(d, m, generator=g, dtype=torch.float64))[0].T.contiguous()
-
-
-def autograd_token_gradients(loss, theta, batch):
-    """[tokens, d] by one backward pass per token (the oracle)."""
-    point = theta.clone().requires_grad_(True)
-    losses = loss(point, batch)
-    return torch.stack([torch.autograd.grad(losses[i], point, retain_graph=True)[0]
-                        for i in range(len(losses))])
-
-
-def dense_token_hessians(loss, theta, batch):
-    """[tokens, d, d] dense Hessian of every token's loss (the oracle)."""
-    n = batch.n_tokens
-    return torch.stack([
-        torch.autograd.functional.hessian(lambda th, i=i: loss(th, batch)[i], theta,
-                                          vectorize=True)
-        for i in range(n)
-    ])
-
-
 @pytest.fixture(scope="module")
 def problem():
     loss, theta, batch = tiny_problem()
     V = orthonormal(loss.space.dim, 3)
-    gradients = autograd_token_gradients(loss, theta, batch)
-    hessians = dense_token_hessians(loss, theta, batch)
+    gradients = token_gradients(loss, theta, batch)
+    hessians = token_hessians(loss, theta, batch)
     return loss, theta, batch, V, gradients, hessians
 
 
@@ -186,8 +164,8 @@ def test_hugging_face_models_go_through_the_generic_engines(family):
     theta = loss.space.flatten(dict(model.named_parameters())).detach()
     batch = hf_batch()
     V = orthonormal(loss.space.dim, 2, seed=3)
-    gradients = autograd_token_gradients(loss, theta, batch)
-    hessians = dense_token_hessians(loss, theta, batch)
+    gradients = token_gradients(loss, theta, batch)
+    hessians = token_hessians(loss, theta, batch)
     expected_second = torch.einsum("md,xde,me->mx", V, hessians, V)
     assert expected_second.abs().max() > 1e-3
     with pytest.raises(ValueError, match="engine='jet' needs the built-in Decoder"):
@@ -214,7 +192,7 @@ def test_auto_falls_back_to_forward_mode_when_the_model_cannot_be_vmapped():
     with pytest.raises(RuntimeError, match="use engine='forward'"):
         directional_derivatives(loss, theta, index, batch, order=1, engine="reverse")
     first, _ = directional_derivatives(loss, theta, index, batch, order=1, engine="auto")
-    torch.testing.assert_close(first, autograd_token_gradients(loss, theta, batch)[:, index].T,
+    torch.testing.assert_close(first, token_gradients(loss, theta, batch)[:, index].T,
                                rtol=0, atol=1e-10)
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from oracles import orthonormal, token_gradients, token_hessians
 from torch.func import jvp
 
 from polca.config import load_config
@@ -46,21 +47,8 @@ def mixed_batch(vocab=9, length=10, seed=1):
     return ProbeBatch(ids, targets, scored)
 
 
-def orthonormal(d, m, seed=2):
-    g = torch.Generator().manual_seed(seed)
-    return torch.linalg.qr(torch.randn(d, m, generator=g, dtype=torch.float64))[0].T.contiguous()
-
-
 def per_token_oracles(loss, theta, batch):
-    """``[tokens, d]`` gradients (one backward per token) and ``[tokens, d, d]`` Hessians."""
-    point = theta.clone().requires_grad_(True)
-    losses = loss(point, batch)
-    gradients = torch.stack([torch.autograd.grad(losses[i], point, retain_graph=True)[0]
-                             for i in range(len(losses))])
-    hessians = torch.stack([
-        torch.autograd.functional.hessian(lambda t, i=i: loss(t, batch)[i], theta, vectorize=True)
-        for i in range(len(losses))])
-    return gradients, hessians
+    return token_gradients(loss, theta, batch), token_hessians(loss, theta, batch)
 
 
 VARIANTS = {
