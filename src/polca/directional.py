@@ -224,12 +224,14 @@ def _jet(loss, theta, tangents, batch, order, batch_size, memory_budget):
         return out.first, out.second
 
     sequences, directions = jet_chunks(loss.module.cfg, batch, len(tangents), order, theta,
-                                       batch_size, memory_budget)
+                                       batch_size, memory_budget,
+                                       materialised=isinstance(tangents, _OneHotRows))
     return _over_chunks(run, theta, tangents, batch, order, sequences, directions)
 
 
 def jet_chunks(cfg, batch: ProbeBatch, m: int, order: int, theta: torch.Tensor,
-               batch_size: int = 256, memory_budget: int = 2**28) -> tuple[int, int]:
+               batch_size: int = 256, memory_budget: int = 2**28,
+               materialised: bool = False) -> tuple[int, int]:
     """``(sequences, directions)`` per jet chunk for a decoder of config ``cfg``.
 
     The jet's cost is arithmetic (dense products) and memory traffic over its widest
@@ -237,8 +239,8 @@ def jet_chunks(cfg, batch: ProbeBatch, m: int, order: int, theta: torch.Tensor,
     or logits). Chunks are as small as keeps that
     activation near :data:`JET_CHUNK_BYTES` (cache-resident), but with at least
     :data:`JET_MIN_ROWS` positions so the weight-tangent products stay efficient; directions are
-    split only when one sequence's jet, or an ``[m, d]`` block of coordinate tangents, would
-    exceed ``memory_budget``.
+    split only when one sequence's jet, or the ``[m, d]`` block of ``materialised`` coordinate
+    tangents, would exceed ``memory_budget``.
 
     >>> from polca.models.decoder import DecoderConfig
     >>> cfg = DecoderConfig(vocab_size=12, context_length=12, d_model=64, n_heads=4, d_mlp=256)
@@ -255,7 +257,8 @@ def jet_chunks(cfg, batch: ProbeBatch, m: int, order: int, theta: torch.Tensor,
     directions = m
     if position * _LIVE_ACTIVATIONS * (1 + order * m) > memory_budget:
         directions = max(1, (memory_budget // (position * _LIVE_ACTIVATIONS) - 1) // order)
-    directions = min(directions, max(1, memory_budget // (theta.numel() * theta.element_size())))
+    if materialised:
+        directions = min(directions, _materialised_rows(theta, memory_budget))
     per_sequence = position * (1 + order * directions)
     sequences = max(JET_CHUNK_BYTES // per_sequence, -(-JET_MIN_ROWS // length), 1)
     sequences = min(sequences, batch_size,
@@ -285,8 +288,9 @@ def _forward(loss, theta, tangents, batch, order, batch_size, memory_budget):
     # sequences × directions than batch_size (the memory of batch_size sequences' activations)
     # nor more materialised coordinate directions than memory_budget
     directions = max(1, min(len(tangents), FORWARD_CHUNK_DIRECTIONS, batch_size,
-                            FORWARD_CHUNK_POSITIONS // length,
-                            memory_budget // (theta.numel() * theta.element_size())))
+                            FORWARD_CHUNK_POSITIONS // length))
+    if isinstance(tangents, _OneHotRows):
+        directions = min(directions, _materialised_rows(theta, memory_budget))
     sequences = max(1, min(batch_size // directions,
                            FORWARD_CHUNK_POSITIONS // (length * directions)))
     return _over_chunks(run, theta, tangents, batch, order, sequences, directions)
@@ -432,6 +436,11 @@ class _OneHotRows:
         return rows
 
 
+def _materialised_rows(theta: torch.Tensor, memory_budget: int) -> int:
+    """How many one-hot ``[d]`` rows fit ``memory_budget`` (at least one)."""
+    return max(1, memory_budget // (theta.numel() * theta.element_size()))
+
+
 def _dense(tangents) -> torch.Tensor:
     """``[m, d]`` dense contiguous tangents (coordinate rows materialised)."""
     return tangents.dense() if isinstance(tangents, _OneHotRows) else tangents.contiguous()
@@ -458,9 +467,14 @@ def _check_inputs(loss, theta, directions, order, engine, batch_size) -> None:
 
 
 def _check_finite(values: torch.Tensor, what: str) -> None:
-    bad = ~torch.isfinite(values)
-    if bool(bad.any()):
+    # NaN or inf anywhere makes the sum non-finite: an O(1)-memory test (an elementwise
+    # isfinite of an [m, d] basis would take several times its memory); a non-finite sum of
+    # finite values (overflow) falls through to the exact count, which then finds nothing
+    if bool(torch.isfinite(values.sum())):
+        return
+    bad = sum(int((~torch.isfinite(part)).sum()) for part in values.reshape(-1).split(2**20))
+    if bad:
         raise ValueError(
-            f"{what} contain {int(bad.sum())} non-finite values (NaN or inf) of {values.numel()}; "
+            f"{what} contain {bad} non-finite values (NaN or inf) of {values.numel()}; "
             "check the checkpoint and the token losses (a diverged run or a bad probe token)"
         )
