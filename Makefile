@@ -23,7 +23,7 @@ $(VENV)/.core: pyproject.toml $(VENV)/.torch
 	touch $@
 
 $(VENV)/.dev: pyproject.toml $(VENV)/.torch
-	$(PIP) -e ".[dev,text,hf]"
+	$(PIP) -e ".[dev,text,hf,ray,interactive]"
 	touch $@ $(VENV)/.core
 
 # The Wikipedia summaries for the text task ship inside this wheel; it is downloaded (never
@@ -38,8 +38,11 @@ chromium:
 	@command -v chromium >/dev/null 2>&1 || \
 		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null)
 
+# The demo, then the README's measured block and the demo table of docs/reproduction.md
+# rendered from its report/summary.json (git diff shows whether this run measured the same).
 demo: $(VENV)/.core
 	$(BIN)/polca demo addition
+	$(BIN)/python -m polca.report.docs runs/demo-addition
 
 demo-text: $(VENV)/.dev data
 	$(BIN)/polca demo text

@@ -1,16 +1,27 @@
-"""Cost of one interval's first + second directional derivatives: HF adapter vs built-in Decoder.
+"""Hugging Face adapter costs, each side by side with its alternative in one process.
 
+Default: one interval's first + second directional derivatives, HF adapter vs built-in Decoder.
 Same shape for both (GPT-2 config with the Decoder's width, depth, heads, MLP, vocabulary and
 context; untied head, exact GELU), same probe batch and directions, float64, forward engine.
 Prints seconds per call (best of ``--repeats``) and the ratio.
 
+``--loading``: reading one checkpoint of a series into float64 parameters. ``series.load`` runs
+a whole ``from_pretrained`` per checkpoint (model built on the meta device, then filled);
+against it, the floor (safetensors read + cast, which knows no renamed or tied keys) and
+transformers' own loader run into one kept model instance (``_load_pretrained_model``, a
+private API: the cheaper exact path this measurement decides against or for). Pythia-70m's
+shape (width 512, 6 layers, vocabulary 50,304, float16 files) by default.
+
     .venv/bin/python benchmarks/bench_hf_adapter.py [--sequences 256] [--directions 4]
+    .venv/bin/python benchmarks/bench_hf_adapter.py --loading [--load-width 512 --load-layers 6]
 """
 
 from __future__ import annotations
 
 import argparse
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
@@ -31,8 +42,57 @@ def best_time(fn, repeats: int) -> float:
     return min(times)
 
 
+def loading(args) -> None:
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, GPTNeoXConfig
+
+    from polca.models.hf import _quiet_transformers, hf_series
+
+    config = GPTNeoXConfig(vocab_size=50304, hidden_size=args.load_width, num_hidden_layers=args.load_layers,
+                           num_attention_heads=8, intermediate_size=4 * args.load_width,
+                           max_position_embeddings=2048, rotary_pct=0.25)
+    with tempfile.TemporaryDirectory() as root:
+        model = AutoModelForCausalLM.from_config(config).half()
+        for step in (0, 1):
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.add_(0.01)
+            model.save_pretrained(Path(root) / f"step{step}")
+        d = sum(p.numel() for p in model.parameters())
+        series = hf_series(str(Path(root) / "step*"))
+        path = series.paths[1]
+        kept = series.model()
+
+        def into_kept_model():
+            from transformers.conversion_mapping import get_model_conversion_mapping
+            from transformers.modeling_utils import LoadStateDictConfig
+
+            with _quiet_transformers():
+                cfg = LoadStateDictConfig(dtype=torch.float64,
+                                          weight_mapping=get_model_conversion_mapping(kept))
+                type(kept)._load_pretrained_model(kept, None, [str(path / "model.safetensors")],
+                                                  cfg)
+            return {n: p.detach() for n, p in kept.named_parameters()}
+
+        rows = [("from_pretrained per checkpoint (polca)", lambda: series._read(path)),
+                ("floor: safetensors read + cast", lambda: {
+                    k: v.double() for k, v in load_file(path / "model.safetensors").items()}),
+                ("from_pretrained's loader into one kept model", into_kept_model),
+                ("series.load (+ StateSeries' NaN/inf check)", lambda: series.load(1))]
+        assert all(torch.equal(a, b) for a, b in zip(series.load(1).values(),
+                                                     into_kept_model().values()))
+        times = [(name, best_time(fn, args.repeats)) for name, fn in rows]
+    print(f"one checkpoint, d={d:,}, float16 file -> float64, {args.threads} thread(s), best of "
+          f"{args.repeats}")
+    for name, seconds in times:
+        print(f"{name:46s} {seconds:7.3f} s  ratio {seconds / times[0][1]:.2f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
+    parser.add_argument("--loading", action="store_true", help="time checkpoint loading")
+    parser.add_argument("--load-width", type=int, default=512, help="--loading: model width")
+    parser.add_argument("--load-layers", type=int, default=6, help="--loading: model depth")
     parser.add_argument("--sequences", type=int, default=256)
     parser.add_argument("--directions", type=int, default=4)
     parser.add_argument("--d-model", type=int, default=128)
@@ -46,6 +106,9 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    if args.loading:
+        loading(args)
+        return
 
     decoder = Decoder(DecoderConfig(vocab_size=args.vocab, context_length=args.context,
                                     n_layers=args.layers, d_model=args.d_model,

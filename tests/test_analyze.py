@@ -11,6 +11,7 @@ import json
 import pickle
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -24,6 +25,7 @@ tokenizers = pytest.importorskip("tokenizers")
 import polca
 from polca.cli import app
 from polca.config import ConfigError
+from polca.store import sha256_json
 
 LETTERS = list("abcdefgh")
 VOCAB = [*LETTERS, "|", "[UNK]"]
@@ -191,12 +193,18 @@ def hf_theta(folder: Path):
 def test_polca_through_the_hf_adapter_equals_per_token_autograd(data, tmp_path):
     run = polca.Run.from_hf(str(data["gpt2"] / "checkpoint-*"), data["probe"], name="g",
                             runs=tmp_path, basis_sample=data["sample"], config=FIRST_ONLY,
-                            tokenizer=data["tokenizer"])
-    for stage in (run.trajectories, run.basis, run.decompose):
-        stage(progress=False)
+                            tokenizer=data["tokenizer"], tokens_per_step=512)
+    run.progress = False
+    run.trajectories().basis().decompose()
+    # the tokens seen per checkpoint: recorded with the series and an x axis of the results
+    seen = [512 * step for step in STEPS]
+    assert run.loss_.coords["tokens_seen"].values.tolist() == seen
+    assert run.terms_["hessian"].coords["tokens_seen_end"].values.tolist() == seen[1:]
+    source = json.loads((run.root / "source.json").read_text())
+    assert [c["tokens_seen"] for c in source["checkpoints"]] == seen
     vectors = load_file(str(run.root / "basis" / "hessian.safetensors"))["vectors"]
     assert vectors.shape[0] == len(STEPS) - 1  # one eigenvector per checkpoint after the first
-    first = torch.from_numpy(run.arrays().read("polca/hessian/first"))
+    first = torch.from_numpy(run.terms_["hessian"]["first"].to_numpy())
 
     model = gpt2().double().eval()  # eval: no dropout
 
@@ -219,10 +227,10 @@ def test_polca_of_a_plain_module_with_its_own_loss_equals_per_token_autograd(dat
     run = polca.Run.from_module(module.make_model, str(data["plain"]), data["probe"],
                                 loss_fn=module.half_loss, name="p", runs=tmp_path,
                                 tokenizer=data["tokenizer"], config=FIRST_ONLY)
-    for stage in (run.trajectories, run.basis, run.decompose):
-        stage(progress=False)
+    run.progress = False
+    run.trajectories().basis().decompose()
     vectors = load_file(str(run.root / "basis" / "hessian.safetensors"))["vectors"]
-    first = torch.from_numpy(run.arrays().read("polca/hessian/first"))
+    first = torch.from_numpy(run.terms_["hessian"]["first"].to_numpy())
 
     model = module.make_model().double().eval()
 
@@ -240,7 +248,7 @@ def test_polca_of_a_plain_module_with_its_own_loss_equals_per_token_autograd(dat
     # the loss function is held in memory: the config names it, reopening asks for it again
     assert "<in-memory>" in (run.root / "config.toml").read_text()
     with pytest.raises(ConfigError, match="reopen the run the same way"):
-        polca.Run.from_config(run.root)
+        polca.Run(run.root).load()
 
 
 def invoke(*args):
@@ -259,7 +267,9 @@ def test_analyze_cli_writes_a_report_and_the_run_reopens(data, tmp_path):
     root = tmp_path / "tiny"
     assert (root / "report" / "index.html").is_file()
     config = (root / "config.toml").read_text()
-    assert 'kind = "external"' in config and "batch_size = 4" in config
+    assert 'kind = "hf"' in config and "batch_size = 4" in config
+    source = json.loads((root / "source.json").read_text())  # the series as hf_series saw it
+    assert [c["step"] for c in source["checkpoints"]] == list(STEPS)
     scores = (root / "evaluation" / "scores.csv").read_text()
     assert "role" in scores  # the probe file's labels reach the evaluation
     again, output = invoke("evaluate", root, "--quiet")  # reopened from the run directory
@@ -342,3 +352,106 @@ def test_analyze_needs_one_checkpoint_source(data, tmp_path):
     assert result.exit_code == 2 and "--factory" in output
     assert not any(tmp_path.iterdir())
 
+
+
+# -- bring-your-own inputs: long probes, bytes, binary labels -----------------------------------
+
+def labelled_examples(seed: int, n: int, extra: int = 0) -> list[dict]:
+    """Copy examples with a boolean per-token label ``copied`` (the copied half); ``extra``
+    more words make an example longer than the model's context of 12."""
+    out = []
+    for example in copy_examples(seed, n):
+        words = example["words"] + ["a"] * extra
+        role = example["role"] + ["copy"] * extra
+        out.append({"words": words, "role": role, "copied": [r == "copy" for r in role]})
+    return out
+
+
+def test_a_probe_longer_than_the_context_is_an_error_or_a_counted_truncation(data, tmp_path):
+    examples = labelled_examples(4, 6, extra=5)  # 14 words: 2 beyond n_positions = 12
+    probe = write_jsonl(tmp_path / "long.jsonl", examples)
+    args = ["analyze", "--hf", data["gpt2"] / "checkpoint-*", "--probe", probe, "--tokenizer",
+            data["tokenizer"], "--name", "long", "--runs", tmp_path / "runs", "--quiet"]
+    result, output = invoke(*args)
+    assert result.exit_code == 2, output
+    assert "error:" in output and "longer than the context of 12" in output
+    assert "Traceback" not in output and not (tmp_path / "runs").exists()
+
+    # the basis sample is cut to the context too (it only feeds the Hessian)
+    result, output = invoke(*args, "--truncate", "--basis-sample", probe, "--basis",
+                            "random,hessian", "--label", "role=copy",
+                            "--set", "decompose.lca=false",
+                            "--set", "cluster.trajectories=['loss', 'polca']",
+                            "--set", "cluster.min_cluster_size=3")
+    assert result.exit_code == 0, output
+    # every word after the first is scored; those at positions 12 and 13 lie beyond the context
+    dropped = sum(len(e["words"][12:]) for e in examples)
+    assert f"({dropped} scored tokens beyond the context dropped)" in output
+
+    # the user's labels: role (named, positive "copy") and copied (a boolean, auto-detected)
+    root = tmp_path / "runs" / "long"
+    assert not (root / "evaluation" / "carry.csv").exists()
+    tokens = polca.Run(root).load().tokens_
+    for column, positive in (("role", "copy"), ("copied", True)):
+        table = pd.read_csv(root / "evaluation" / f"label-{column}.csv")
+        assert len(table) and set(table["label"]) == {column}
+        for name, rows in table.groupby("name"):
+            labels = pd.read_parquet(root / "clusters" / f"{name}.parquet")
+            best = rows.sort_values("rank").iloc[0]
+            members = labels[labels["label"] == best["cluster"]]
+            if not pd.isna(best["vector"]):
+                members = members[members["vector"] == best["vector"]]
+            in_cluster = tokens.set_index("token").loc[members["token"], column]
+            homogeneity = float((in_cluster == positive).mean())  # brute force
+            assert best["homogeneity"] == pytest.approx(homogeneity)
+            clustered = labels if pd.isna(best["vector"]) else labels[
+                labels["vector"] == best["vector"]]
+            clustered = clustered[clustered["label"] >= 0]
+            all_positive = (tokens.set_index("token").loc[clustered["token"], column]
+                            == positive).sum()
+            assert best["recall"] == pytest.approx((in_cluster == positive).sum() / all_positive)
+
+
+def test_a_probe_that_is_not_utf8_names_the_byte(data, tmp_path):
+    probe = tmp_path / "latin1.jsonl"
+    good = json.dumps(copy_examples(5, 1)[0]) + "\n"
+    probe.write_bytes(good.encode() + '{"text": "café"}\n'.encode("latin-1"))
+    result, output = invoke("analyze", "--hf", data["gpt2"] / "checkpoint-*", "--probe", probe,
+                            "--tokenizer", data["tokenizer"], "--runs", tmp_path / "runs")
+    offset = len(good.encode()) + len('{"text": "caf')
+    assert result.exit_code == 2, output
+    assert f"not UTF-8 text at byte offset {offset} (line 2" in output
+    assert "Traceback" not in output and not (tmp_path / "runs").exists()
+
+
+def test_a_binary_label_that_is_not_binary_is_named(data, tmp_path):
+    result, output = invoke("analyze", "--hf", data["gpt2"] / "checkpoint-*", "--probe",
+                            data["probe"], "--tokenizer", data["tokenizer"], "--label", "role",
+                            "--runs", tmp_path / "runs", "--quiet", "--basis", "random",
+                            "--set", "decompose.lca=false",
+                            "--set", "cluster.trajectories=['loss']")
+    assert result.exit_code == 2, output  # role has three values: first, sep, copy
+    assert "error: evaluate.labels: column 'role'" in output and "not binary" in output
+    assert not (tmp_path / "runs").exists()  # checked before anything is computed
+
+
+def test_a_duplicated_checkpoint_is_flagged_and_recorded_when_the_run_is_made(data, tmp_path):
+    import shutil
+
+    series = tmp_path / "series"
+    for step in STEPS:
+        shutil.copytree(data["gpt2"] / f"checkpoint-{step}", series / f"checkpoint-{step}")
+    shutil.copytree(data["gpt2"] / "checkpoint-10", series / "checkpoint-15")  # a repeat
+    run = polca.Run.from_hf(str(series / "checkpoint-*"), data["probe"], name="dup",
+                            runs=tmp_path, tokenizer=data["tokenizer"])
+    with pytest.warns(UserWarning, match=r"identical weights at steps \[\(10, 15\)\]"):
+        assert run.ctx.run.exists()  # opening creates the run
+    source = json.loads((run.root / "source.json").read_text())
+    assert source["duplicates"] == [[10, 15]]
+    # the series' weight fingerprints are the run's checkpoint identity: no file is re-hashed
+    run.progress = False
+    run.trajectories()
+    recorded = json.loads((run.root / ".progress" / "inputs" / "trajectories.json").read_text())
+    fingerprints = [c["fingerprint"] for c in source["checkpoints"]]
+    assert recorded["checkpoints"] == sha256_json([[0, 10, 15, 20, 30], fingerprints])
+    assert not (run.root / ".progress" / "file-hashes.json").exists()

@@ -8,13 +8,14 @@ import torch
 from safetensors.torch import save_file
 
 from polca import bases
-from polca.bases import Basis, BasisError
+from polca.bases import BasisError
 from polca.config import RunConfig
-from polca.curvature import BasisCheckpoint, HessianOperator
+from polca.curvature import Algorithm1Options, BasisCheckpoint, HessianOperator
 from polca.functional import ModuleTokenLoss, ProbeBatch
 from polca.models.decoder import Decoder, DecoderConfig
+from polca.parallel import InProcess
 from polca.stages.basis import basis_checkpoint_positions, run_basis
-from polca.store import RunDir, StoreError
+from polca.store import RunDir, batch_sha256, read_vectors
 
 STEPS = [0, 100, 200, 300, 400]
 
@@ -69,10 +70,14 @@ def test_trajectory_pca_matches_numpy_svd():
     assert len(capped) == len(STEPS) - 1 and capped.params["m_requested"] == 10
 
 
+def user_basis(path, dim):
+    return bases.user_basis(read_vectors(path), dim, source=str(path))
+
+
 def test_user_basis_loads_and_validates(tmp_path):
     good = torch.linalg.qr(torch.randn(40, 3, dtype=torch.float64)).Q.T.contiguous()
     save_file({"vectors": good}, tmp_path / "good.safetensors")
-    loaded = bases.user_basis(tmp_path / "good.safetensors", dim=40)
+    loaded = user_basis(tmp_path / "good.safetensors", dim=40)
     torch.testing.assert_close(loaded.vectors, good, rtol=0, atol=0)
 
     skewed = good.clone()
@@ -80,27 +85,28 @@ def test_user_basis_loads_and_validates(tmp_path):
     error = float((skewed @ skewed.T - torch.eye(3, dtype=torch.float64)).abs().max())
     save_file({"vectors": skewed}, tmp_path / "skewed.safetensors")
     with pytest.raises(BasisError, match="skewed.safetensors is not orthonormal") as info:
-        bases.user_basis(tmp_path / "skewed.safetensors", dim=40)
+        user_basis(tmp_path / "skewed.safetensors", dim=40)
     assert f"{error:.3g}" in str(info.value) and "torch.linalg.qr" in str(info.value)
 
     with pytest.raises(BasisError, match="dimension 40 but the model has 41"):
-        bases.user_basis(tmp_path / "good.safetensors", dim=41)
+        user_basis(tmp_path / "good.safetensors", dim=41)
     save_file({"matrix": good}, tmp_path / "named.safetensors")
     with pytest.raises(BasisError, match="no tensor named 'vectors'"):
-        bases.user_basis(tmp_path / "named.safetensors", dim=40)
+        user_basis(tmp_path / "named.safetensors", dim=40)
     with pytest.raises(BasisError, match="does not exist"):
-        bases.user_basis(tmp_path / "absent.safetensors", dim=40)
+        user_basis(tmp_path / "absent.safetensors", dim=40)
 
 
 def test_basis_round_trip_and_dimension_mismatch(tmp_path):
     basis = bases.trajectory_pca(tiny_trajectory(30), m=2)
-    basis.save(tmp_path)
-    loaded = Basis.load(tmp_path, "trajectory-pca", dim=30)
+    run = RunDir(tmp_path)
+    run.save_basis(basis)
+    loaded = run.load_basis("trajectory-pca", dim=30)
     assert torch.equal(loaded.vectors, basis.vectors)
     assert loaded.provenance == basis.provenance and loaded.params == basis.params
     assert set(bases.PROVENANCE_KEYS) <= set(loaded.provenance[0])
     with pytest.raises(BasisError, match="dimension 30 but the model has 31 parameters"):
-        Basis.load(tmp_path, "trajectory-pca", dim=31)
+        run.load_basis("trajectory-pca", dim=31)
 
 
 def test_rayleigh_eigenvalues_match_dense_hessian():
@@ -123,8 +129,9 @@ def test_shuffled_hessian_follows_a_seeded_permutation():
     checkpoints = [BasisCheckpoint(i, STEPS[i], thetas[i]) for i in range(len(STEPS))]
     order = bases.shuffled_order(len(STEPS), seed=5)
     assert sorted(order) == list(range(len(STEPS))) and order != sorted(order)
-    basis = bases.shuffled_hessian(loss, checkpoints, sample, seed=5, k=1, tol=1e-10,
-                                   max_vectors=2)
+    basis = bases.hessian(loss, checkpoints, sample,
+                          Algorithm1Options(tol=1e-10, max_vectors=2, seed=5), shuffled=True)
+    assert basis.kind == basis.name == "shuffled-hessian"
     assert [e["checkpoint"] for e in basis.provenance] == order[:2]
     values, vectors = torch.linalg.eigh(dense_hessian(loss, thetas[order[0]], sample))
     assert abs(float(basis.vectors[0] @ vectors[:, -1])) == pytest.approx(1.0, abs=1e-6)
@@ -151,7 +158,8 @@ class FakeContext:
     """The parts of RunContext the basis stage uses; ``fail_at`` interrupts a checkpoint load."""
 
     def __init__(self, root, cfg, fail_at=None):
-        self.run, self.cfg = RunDir(root), cfg
+        self.said = []
+        self.run, self.cfg = RunDir(root, say=self.said.append), cfg
         self.model = tiny_model()
         self.loss = ModuleTokenLoss(self.model)
         self.dtype = torch.float64
@@ -173,8 +181,22 @@ class FakeContext:
         for step in STEPS:
             yield step, self.theta(step)
 
+    def reader(self, dtype=None):
+        return lambda index: self.theta(STEPS[index])
+
+    def arithmetic(self, stage_default=None):
+        return stage_default or "float64"
+
+    executor = InProcess()
+
     def basis_sample(self, n):
         return tiny_sample(n)
+
+    def inputs(self, *names, **values):
+        return {**{name: "unchanged" for name in names}, **values}
+
+    def sample_sha256(self, sample):
+        return batch_sha256(sample)
 
 
 def stage_config(**basis):
@@ -192,7 +214,7 @@ def test_stage_resume_equals_uninterrupted_run(tmp_path, solver):
     interrupted = FakeContext(tmp_path / "resumed", cfg, fail_at=300)
     with pytest.raises(Interrupted):
         run_basis(interrupted, progress=False)
-    partial = Basis.load(tmp_path / "resumed" / "basis" / ".partial", "hessian")
+    partial = RunDir(tmp_path / "resumed").load_basis("hessian", partial=True)
     assert [e["step"] for e in partial.provenance] == [100, 100, 200, 200]
 
     resumed_ctx = FakeContext(tmp_path / "resumed", cfg)
@@ -201,7 +223,7 @@ def test_stage_resume_equals_uninterrupted_run(tmp_path, solver):
     for name, basis in reference.items():
         torch.testing.assert_close(resumed[name].vectors, basis.vectors, rtol=0, atol=1e-12)
         assert len(basis) == (len(STEPS) - 1 if name == "trajectory-pca" else 7)
-        on_disk = Basis.load(tmp_path / "resumed" / "basis", name, dim=basis.dim)
+        on_disk = RunDir(tmp_path / "resumed").load_basis(name, dim=basis.dim)
         torch.testing.assert_close(on_disk.vectors, basis.vectors, rtol=0, atol=0)
         assert all(e["eigenvalue"] is not None for e in on_disk.provenance)
     assert not (tmp_path / "resumed" / "basis" / ".partial" / "hessian.json").exists()
@@ -213,10 +235,17 @@ def test_stage_resume_equals_uninterrupted_run(tmp_path, solver):
 
     again = FakeContext(tmp_path / "resumed", cfg)
     run_basis(again, progress=False)
-    assert again.loaded == []  # complete bases are skipped
-    with pytest.raises(StoreError, match="built with other settings"):
-        run_basis(FakeContext(tmp_path / "resumed", stage_config(solver=solver, tol=1e-4)),
-                  progress=False)
+    assert again.loaded == [] and again.said == []  # complete bases are kept, silently
+    # a changed setting: the bases that depend on it are rebuilt, and the stage says so
+    changed = FakeContext(tmp_path / "resumed", stage_config(solver=solver, tol=1e-4))
+    rebuilt = run_basis(changed, progress=False)
+    assert [line.split(":")[0] for line in changed.said] == ["basis/hessian",
+                                                             "basis/shuffled-hessian"]
+    assert all("inputs changed (params)" in line for line in changed.said)
+    assert rebuilt["hessian"].params["tol"] == 1e-4 == RunDir(
+        tmp_path / "resumed").load_basis("hessian").params["tol"]
+    torch.testing.assert_close(rebuilt["random"].vectors, reference["random"].vectors,
+                               rtol=0, atol=0)
 
 
 def test_stage_user_basis_needs_a_path(tmp_path):

@@ -10,7 +10,6 @@ from torch.nn import functional as F
 
 from polca.byo import (
     CheckpointSeriesError,
-    load_state_series,
     module_token_loss,
     state_series,
 )
@@ -37,7 +36,7 @@ def test_series_orders_by_metadata_then_name_and_reads_weights_only_pt(tmp_path)
     save_file(a, tmp_path / "late.safetensors", metadata={"step": "900"})
     torch.save(b, tmp_path / "checkpoint-20.pt")
     torch.save({"model": c, "step": 5, "note": "optimizer state omitted"}, tmp_path / "step5.pt")
-    series = load_state_series(tmp_path)
+    series = list(state_series(tmp_path).items())
     assert [s for s, _ in series] == [5, 20, 900]
     for (_, got), want in zip(series, (c, b, a)):
         for name in want:
@@ -70,7 +69,7 @@ def test_unsafe_pickle_is_refused_not_run(tmp_path):
     marker = tmp_path / "ran"
     torch.save({"w": _RunsCode(str(marker))}, tmp_path / "step_1.pt")
     with pytest.raises(CheckpointSeriesError, match="NOT loaded.*arbitrary code"):
-        load_state_series([tmp_path / "step_1.pt"])
+        state_series([tmp_path / "step_1.pt"])
     assert not marker.exists()
 
 

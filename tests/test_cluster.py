@@ -3,6 +3,7 @@
 from types import SimpleNamespace
 
 import numpy as np
+import pandas as pd
 import pytest
 from sklearn.metrics import adjusted_rand_score
 
@@ -253,3 +254,12 @@ def test_run_cluster_rejects_unknown_kind(tmp_path):
     ctx, _ = fake_run(tmp_path, np.random.default_rng(7))
     with pytest.raises(ValueError, match="unknown trajectory kinds"):
         run_cluster(ctx, kinds=["polka"], progress=False)
+
+
+def test_cluster_breaks_keep_their_dtypes_when_empty_and_concatenated():
+    empty = C.cluster_breaks(np.array([-1, -2]), np.array([1.0, 2.0]), tau=5)
+    full = C.cluster_breaks(np.array([0, 0, 1]), np.array([1.0, 3.0, 9.0]), tau=5)
+    assert len(empty) == 0
+    both = pd.concat([empty, full], ignore_index=True)
+    assert both["hidden"].tolist() == [False, True] and both["hidden"].dtype == bool
+    assert both["size"].tolist() == [2, 1] and both["size"].dtype == np.int64

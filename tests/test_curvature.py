@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from polca.curvature import (
+    Algorithm1Options,
     HessianOperator,
     hessian_basis,
     rayleigh_quotients,
@@ -18,6 +19,7 @@ from polca.functional import ModuleTokenLoss, ProbeBatch
 from polca.models.decoder import Decoder, DecoderConfig
 
 SOLVERS = ["eigsh", "lanczos"]
+TWO = Algorithm1Options(per_checkpoint=2, tol=1e-10)  # two eigenvectors per checkpoint
 
 
 def tiny_problem(seed=0, n=6, scale=0.5):
@@ -153,7 +155,7 @@ def algorithm_one():
     thetas = [theta + 0.3 * t * torch.randn(theta.shape, generator=g, dtype=torch.float64)
               for t in range(3)]
     checkpoints = [(i, 100 * i, th) for i, th in enumerate(thetas)]
-    vectors, provenance = hessian_basis(loss, checkpoints, sample, k=2, tol=1e-10)
+    vectors, provenance = hessian_basis(loss, checkpoints, sample, TWO)
     hessians = [dense_hessian(loss, th, sample) for th in thetas]
     return loss, sample, checkpoints, vectors, provenance, hessians
 
@@ -161,7 +163,9 @@ def algorithm_one():
 @pytest.mark.parametrize("solver", SOLVERS)
 def test_algorithm_one_against_dense_projected_hessians(algorithm_one, solver):
     loss, sample, checkpoints, reference, _, hessians = algorithm_one
-    vectors, provenance = hessian_basis(loss, checkpoints, sample, k=2, tol=1e-10, solver=solver)
+    vectors, provenance = hessian_basis(loss, checkpoints, sample,
+                                        Algorithm1Options(per_checkpoint=2, tol=1e-10,
+                                                          solver=solver))
     d, k = loss.space.dim, 2
     assert vectors.shape == (len(checkpoints) * k, d)
     torch.testing.assert_close(vectors @ vectors.T, torch.eye(len(vectors), dtype=torch.float64),
@@ -185,14 +189,15 @@ def test_algorithm_one_against_dense_projected_hessians(algorithm_one, solver):
 def test_algorithm_one_resumes_and_caps(algorithm_one):
     loss, sample, checkpoints, reference, provenance, _ = algorithm_one
     saved = []
-    first, first_info = hessian_basis(loss, checkpoints[:1], sample, k=2, tol=1e-10,
+    first, first_info = hessian_basis(loss, checkpoints[:1], sample, TWO,
                                       on_checkpoint=lambda v, p: saved.append(len(v)))
-    resumed, info = hessian_basis(loss, checkpoints[1:], sample, k=2, tol=1e-10,
+    resumed, info = hessian_basis(loss, checkpoints[1:], sample, TWO,
                                   vectors=first, provenance=first_info)
     assert saved == [2]
     torch.testing.assert_close(resumed, reference, rtol=0, atol=1e-12)
     assert [e["checkpoint"] for e in info] == [e["checkpoint"] for e in provenance]
-    capped, capped_info = hessian_basis(loss, checkpoints, sample, k=2, tol=1e-10, max_vectors=3)
+    capped, capped_info = hessian_basis(
+        loss, checkpoints, sample, Algorithm1Options(per_checkpoint=2, tol=1e-10, max_vectors=3))
     torch.testing.assert_close(capped, reference[:3], rtol=0, atol=1e-12)
     assert [e["checkpoint"] for e in capped_info] == [0, 0, 1]
 

@@ -19,6 +19,8 @@ from polca.bases import Basis, BasisError
 from polca.config import RunConfig
 from polca.directional import directional_derivatives
 from polca.functional import ParameterSpace, ProbeBatch, token_losses
+from polca.parallel import InProcess
+from polca.stages.common import CheckpointReader
 from polca.stages.decompose import run_decompose
 from polca.store import RunDir, StoreError
 
@@ -148,7 +150,7 @@ def test_paper_curvature_differs_measurably_when_eigenvectors_are_not_shared():
     torch.testing.assert_close(paper, expected_paper, rtol=0, atol=1e-10)
     terms_exact = polca.second_order(exact, delta)
     terms_paper = polca.second_order(paper, delta)
-    error = polca.rmse(terms_paper, terms_exact)
+    error = float((terms_paper - terms_exact).pow(2).mean().sqrt())
     print(f"RMSE paper vs exact second-order term: {error:.4g} "
           f"(exact terms' RMS {float(terms_exact.pow(2).mean().sqrt()):.4g}; paper run: 0.145)")
     assert error > 0.1 * float(terms_exact.pow(2).mean().sqrt())
@@ -187,6 +189,10 @@ def test_diagnostics_match_direct_formulas():
         relative, rel=1e-12)
     assert summary["rmse_paper_vs_exact_second_order"] == pytest.approx(
         np.sqrt(((paper - second).numpy() ** 2).mean()), rel=1e-12)
+    for t in range(T):  # per interval, from the same formula
+        r = np.abs(delta_loss[t].numpy() - full[:, t].sum(0)).sum()
+        assert summary["explained_per_interval"]["polca"][t] == pytest.approx(
+            1 - r / np.abs(delta_loss[t].numpy()).sum(), rel=1e-12)
     assert summary["paper_small_denominators"] == 1
     assert summary["zero_step_intervals"] == []
 
@@ -214,17 +220,23 @@ def make_context(root, n_checkpoints=4, decompose=None, repeat_checkpoint=None, 
                                                           dtype=torch.float64))
     steps = [10 * i for i in range(n_checkpoints)]
     by_step = dict(zip(steps, thetas))
-    run = RunDir(root)
+    said = []
+    run = RunDir(root, say=said.append)
     vectors = orthonormal(loss.space.dim, M_VECTORS, seed=seed + 20)
     provenance = [{"eigenvalue": float(1.0 + i), "eigenvalue_source": "rayleigh-last-checkpoint"}
                   for i in range(M_VECTORS)]
-    Basis("random", "random", vectors, provenance).save(run.basis)
+    run.save_basis(Basis("random", "random", vectors, provenance))
     cfg = RunConfig.model_validate({"name": "t", "decompose": {"batch_size": 2,
                                                                 **(decompose or {})}})
+    series = SimpleNamespace(steps=steps,
+                             load=lambda step: loss.space.unflatten(by_step[step].clone()))
+    reader = CheckpointReader(series, loss.space, tuple(steps), torch.device("cpu"))
     return SimpleNamespace(
         run=run, cfg=cfg, loss=loss, loss_in=lambda dtype: loss, probe=batch,
-        checkpoints=SimpleNamespace(steps=steps), theta=lambda step: by_step[step].clone(),
-        device=torch.device("cpu"), dtype=torch.float64,
+        checkpoints=series, theta=lambda step: by_step[step].clone(),
+        reader=lambda dtype=None: reader, arithmetic=lambda default=None: default or "float64",
+        device=torch.device("cpu"), dtype=torch.float64, executor=InProcess(), said=said,
+        inputs=lambda *names, **values: {**dict.fromkeys(names, "unchanged"), **values},
     ), thetas, vectors
 
 
@@ -345,7 +357,7 @@ def test_stage_resumes_to_byte_identical_arrays(tmp_path):
 
 def test_stage_rejects_bad_inputs(tmp_path):
     ctx, thetas, _ = make_context(tmp_path / "dim")
-    Basis("random", "random", orthonormal(len(thetas[0]) - 1, 2), [{}, {}]).save(ctx.run.basis)
+    ctx.run.save_basis(Basis("random", "random", orthonormal(len(thetas[0]) - 1, 2), [{}, {}]))
     with pytest.raises(BasisError, match="dimension"):
         run_decompose(ctx, progress=False)
 
@@ -355,16 +367,25 @@ def test_stage_rejects_bad_inputs(tmp_path):
         run_decompose(ctx, progress=False)
 
     ctx, thetas, vectors = make_context(tmp_path / "noeig")
-    Basis("random", "random", vectors, [{}] * M_VECTORS).save(ctx.run.basis)
+    ctx.run.save_basis(Basis("random", "random", vectors, [{}] * M_VECTORS))
     with pytest.raises(StoreError, match="no eigenvalue"):
         run_decompose(ctx, progress=False)
 
 
-def test_stage_refuses_to_resume_on_a_changed_basis(tmp_path):
-    ctx, _, vectors = make_context(tmp_path, n_checkpoints=3, decompose={"lca": False})
+def test_stage_recomputes_on_a_changed_basis_and_says_so(tmp_path):
+    ctx, _, vectors = make_context(tmp_path / "run", n_checkpoints=3, decompose={"lca": False})
     run_decompose(ctx, progress=False)
-    basis = Basis.load(ctx.run.basis, "random")
-    Basis("random", "random", orthonormal(vectors.shape[1], M_VECTORS, seed=99),
-          basis.provenance).save(ctx.run.basis)
-    with pytest.raises(StoreError, match="another basis named 'random'"):
-        run_decompose(ctx, progress=False)
+    basis = ctx.run.load_basis("random")
+    other = orthonormal(vectors.shape[1], M_VECTORS, seed=99)
+    ctx.run.save_basis(Basis("random", "random", other, basis.provenance))
+    run_decompose(ctx, progress=False)
+    assert len(ctx.said) == 1 and ctx.said[0].startswith("decompose/random: inputs changed "
+                                                         "(basis)")
+    # the same as a run that only ever saw the new basis
+    fresh, _, _ = make_context(tmp_path / "fresh", n_checkpoints=3, decompose={"lca": False})
+    fresh.run.save_basis(Basis("random", "random", other, basis.provenance))
+    run_decompose(fresh, progress=False)
+    expected, got = stored_arrays(tmp_path / "fresh"), stored_arrays(tmp_path / "run")
+    assert expected.keys() == got.keys()
+    for name in expected:
+        assert expected[name].tobytes() == got[name].tobytes(), name

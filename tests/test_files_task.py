@@ -110,3 +110,39 @@ def test_bad_options_stop_with_a_clear_message(files, tmp_path, options, message
     cfg = parse_config({"name": "x", "task": {"kind": "jsonl", "options": base}})
     with pytest.raises(ProbeFileError, match=message):
         make_task(cfg, tmp_path)
+
+
+def word_files(tmp_path):
+    """The copy task written as words (needs a tokenizer) and a word-level tokenizer."""
+    tokenizers = pytest.importorskip("tokenizers")
+    tokenizer = tokenizers.Tokenizer(tokenizers.models.WordLevel(
+        {w: i for i, w in enumerate([*VOCAB, "[UNK]"])}, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
+    tokenizer.save(str(tmp_path / "tokenizer.json"))
+    paths = {"tokenizer": tmp_path / "tokenizer.json"}
+    rng = np.random.default_rng(1)
+    for name, n in (("train", 16), ("probe", 4)):
+        rows = [{"text": " ".join(VOCAB[i] for i in e["input_ids"]), "kind": e["kind"]}
+                for e in copy_examples(rng, n)]
+        paths[name] = tmp_path / f"{name}-words.jsonl"
+        paths[name].write_text("\n".join(json.dumps(r) for r in rows))
+    return paths
+
+
+def test_text_lines_need_the_tokenizer_option(tmp_path):
+    paths = word_files(tmp_path)
+    options = {"train": str(paths["train"]), "probe": str(paths["probe"])}
+    cfg = parse_config({"name": "x", "task": {"kind": "jsonl", "options": options}})
+    with pytest.raises(ProbeFileError, match=r"'text' needs a tokenizer; set task.options."
+                                             r"tokenizer = \"tokenizer.json\""):
+        make_task(cfg, tmp_path)
+    cfg = parse_config({"name": "x", "task": {"kind": "jsonl", "options": {
+        **options, "tokenizer": str(paths["tokenizer"])}}})
+    task = make_task(cfg, tmp_path)
+    sequences, tokens = task.probe_set()
+    probe = [json.loads(line) for line in paths["probe"].read_text().splitlines()]
+    # oracle: the words' own positions in the tokenizer's vocabulary
+    assert [list(ids) for ids in sequences["input_ids"]] == [
+        [VOCAB.index(w) for w in row["text"].split()] for row in probe]
+    assert task.vocab_size == len(VOCAB) + 1  # the tokenizer's, [UNK] included
+    assert tokens["text"].iloc[0] == probe[0]["text"].split()[1]  # decoded by the tokenizer

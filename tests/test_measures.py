@@ -32,7 +32,7 @@ from polca.measures import (
 from polca.models.decoder import Decoder, DecoderConfig
 from polca.report.plateau import measures_with_breaks, plateau_figure
 from polca.stages.common import open_run
-from polca.stages.measures import read_measures, run_measures, write_measures_figures
+from polca.stages.measures import run_measures
 from polca.stages.train import run_train
 from polca.tasks.plateau import MovingWindowSum
 
@@ -256,8 +256,8 @@ def test_stage_stores_one_row_per_checkpoint_and_resumes(tmp_path, monkeypatch):
         "checkpoints": {"every": 2}})
     ctx = open_run(tmp_path / "run", cfg)
     run_train(ctx, progress=False)
-    run_measures(ctx, progress=False, figure=False)
-    table = read_measures(ctx.run)
+    run_measures(ctx, progress=False)
+    table = ctx.run.read_measures()
     assert table.index.tolist() == [0, 2, 4]
     direct = compute_measures(ctx.model, ctx.task,
                               [(s, ctx.checkpoints.load(s)) for s in ctx.checkpoints.steps],
@@ -273,9 +273,6 @@ def test_stage_stores_one_row_per_checkpoint_and_resumes(tmp_path, monkeypatch):
     original = stage.checkpoint_measures
     monkeypatch.setattr(stage, "checkpoint_measures",
                         lambda *a, **k: calls.append(1) or original(*a, **k))
-    run_measures(ctx, progress=False, figure=False)
+    run_measures(ctx, progress=False)
     assert len(calls) == 1
-    pd.testing.assert_frame_equal(read_measures(ctx.run), table)
-    paths = write_measures_figures(ctx.run, breaks={"c0": 2})
-    assert [p.name for p in paths] == ["measures.png", "measures_breaks.png"]
-    assert all(p.read_bytes()[:4] == b"\x89PNG" for p in paths)
+    pd.testing.assert_frame_equal(ctx.run.read_measures(), table)

@@ -6,6 +6,8 @@ from typer.testing import CliRunner
 
 from polca.cli import app
 from polca.config import dump_config, parse_config
+from polca.report import docs
+from polca.report.reproduction import reproduction_markdown
 from polca.store import RunDir
 
 TINY = {
@@ -38,7 +40,8 @@ def test_run_writes_every_stage_and_a_second_run_recomputes_nothing(tmp_path):
                    "<!-- reproduction table: end -->\nprose after\n")
     output = invoke("reproduce", config, "--runs", tmp_path / "runs", "--out", doc, "-q")
     root = tmp_path / "runs" / "tiny"
-    assert "exact loss L" in output and "report:" in output  # the reproduction table
+    # the finding in sentences on the terminal; the markdown table in the file only
+    assert "exact loss:" in output and "report:" in output and "| exact loss L |" not in output
     text = doc.read_text()
     assert text.startswith("prose before\n") and text.endswith("prose after\n")
     assert "old table" not in text and f"polca reproduce {config}" in text
@@ -51,6 +54,18 @@ def test_run_writes_every_stage_and_a_second_run_recomputes_nothing(tmp_path):
     m = len(arrays.read("polca/hessian/delta"))
     assert m == 3  # one eigenvector per basis checkpoint: steps 40, 80, 120
     assert arrays.read("polca/hessian/first").shape == (m, 6, 180)
+
+    # the documentation's numbers are rendered from this fresh run's summary
+    summary = run.read_summary()
+    readme = tmp_path / "README.md"
+    readme.write_text(f"before\n{docs.README_BEGIN}\nold\n{docs.README_END}\nafter\n")
+    docs.update(summary, readme, doc, copy=tmp_path / "summary.json")
+    block = docs.between(readme.read_text(), docs.README_BEGIN, docs.README_END)
+    accuracy = arrays.read("correct")[:, -1].mean()
+    assert f"**{100 * accuracy:.1f} %** accuracy" in block and summary["overview"] in block
+    table = docs.between(doc.read_text(), docs.TABLE_BEGIN, docs.TABLE_END)
+    assert table.startswith(reproduction_markdown(root, command=docs.COMMAND))
+    assert all(sentence in table for sentence in summary["sentences"].values())
 
     stamps = {p: p.stat().st_mtime_ns for p in (root / "arrays.zarr").rglob("*") if p.is_file()}
     invoke("run", config, "--runs", tmp_path / "runs", "-q")

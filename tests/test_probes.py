@@ -9,7 +9,13 @@ from torch.nn import functional as F
 
 from polca.functional import ModuleTokenLoss
 from polca.models.decoder import Decoder, DecoderConfig
-from polca.probes import ProbeFileError, probe_set_from_file, probe_tables, read_examples
+from polca.probes import (
+    ProbeFileError,
+    probe_set_from_file,
+    probe_tables,
+    read_examples,
+    truncated_token_count,
+)
 from polca.store import RunDir
 
 tokenizers = pytest.importorskip("tokenizers")
@@ -93,8 +99,9 @@ def test_word_labels_follow_every_sub_word_token():
 
 def test_context_length_budget_and_sampling():
     examples = [{"input_ids": list(range(1, 11))} for _ in range(4)]
-    _, tokens = probe_tables(examples, context_length=6)
+    sequences, tokens = probe_tables(examples, context_length=6, truncate=True)
     assert tokens["position"].max() == 4 and len(tokens) == 4 * 5
+    assert sequences["truncated_tokens"].tolist() == [4] * 4
     _, tokens = probe_tables(examples, max_tokens=12)
     assert len(tokens) == 12 and tokens["sequence"].tolist() == [0] * 9 + [1] * 3
     _, tokens = probe_tables(examples, tokens_per_sequence=3, seed=5)
@@ -122,11 +129,57 @@ def test_probe_losses_score_the_token_after_position(tmp_path):
     torch.testing.assert_close(got, torch.stack(expected))
 
 
+def test_longer_than_context_is_an_error_or_a_counted_truncation():
+    examples = [
+        {"input_ids": list(range(1, 5))},                                # fits: 3 scored
+        {"input_ids": list(range(1, 10)), "mask": [0, 1, 0, 1, 1, 0, 1, 1, 1]},
+        {"input_ids": list(range(1, 8)), "mask": [0, 0, 0, 0, 0, 1, 1]},  # all scored cut
+    ]
+    with pytest.raises(ProbeFileError, match=r"example 1: 9 tokens, longer than the context of 5 "
+                                             r"\(3 of its scored tokens lie beyond it\)"):
+        probe_tables(examples, context_length=5)
+    sequences, tokens = probe_tables(examples, context_length=5, truncate=True)
+    # brute force: the scored (mask 1, not first) tokens at index >= 5 of each example
+    def scored(e):
+        mask = e.get("mask", [1] * len(e["input_ids"]))
+        return [i for i, m in enumerate(mask) if m and i > 0]
+    expected_cut = [sum(i >= 5 for i in scored(e)) for e in examples]
+    assert expected_cut == [0, 3, 2]
+    assert sequences["truncated_tokens"].tolist() == expected_cut
+    assert truncated_token_count(sequences) == 5
+    assert len(tokens) == sum(len(scored(e)) for e in examples) - 5
+    assert sequences["input_ids"].map(len).tolist() == [4, 5, 5]
+    assert tokens["sequence"].tolist() == [0, 0, 0, 1, 1, 1]  # sequence 2 kept, no tokens
+    assert truncated_token_count(pd.DataFrame({"sequence": [0]})) == 0
+
+
+@pytest.mark.parametrize("suffix, lines", [
+    (".txt", [b"the cat sat", b"a dog \xe9 ran"]),
+    (".jsonl", [b'{"input_ids": [1, 2]}', b'{"input_ids": [1, 2], "who": "Andr\xe9"}']),
+])
+def test_non_utf8_file_names_the_byte_offset(tmp_path, suffix, lines):
+    path = tmp_path / f"probe{suffix}"
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    offset = len(lines[0]) + 1 + lines[1].index(b"\xe9")
+    with pytest.raises(ProbeFileError, match=rf"probe\{suffix}: not UTF-8 text at byte offset "
+                                             rf"{offset} \(line 2, byte 'e9'\)"):
+        read_examples(path)
+
+
+def test_text_without_tokenizer_says_how_to_give_input_ids():
+    with pytest.raises(ProbeFileError, match=r'needs the model.s tokenizer.*\{"input_ids": '):
+        probe_tables([{"text": "the cat"}])
+
+
+def test_field_named_like_a_sequence_column_is_refused():
+    with pytest.raises(ProbeFileError, match=r"\['truncated_tokens'\] are reserved"):
+        probe_tables([{"input_ids": [1, 2, 3], "truncated_tokens": 5}])
+
+
 @pytest.mark.parametrize("content, message", [
     ('{"input_ids": [1, 2]}\n{"input_ids": [1, 2\n', r"p\.jsonl:2 is not JSON"),
     ('[1, 2, 3]\n', "not an object"),
     ('{"input_ids": [1, 2, 3], "role": ["a", "b"]}\n', "'role' has 2 values for 3 tokens"),
-    ('{"text": "the cat"}\n', "needs a tokenizer"),
     ('{"input_ids": [1, -2]}\n', "non-negative integers"),
     ('{"input_ids": [1, 2], "mask": [0, 0]}\n', "no scored token"),
     ('{"input_ids": [1, 2], "meta": {"a": 1}}\n', "neither scalars nor per-token"),

@@ -17,10 +17,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from polca.api import run_stage
 from polca.config import dump_config, parse_config
-from polca.report import figures, write_report
-from polca.report.html import RunData
-from polca.stages.report import run_report
+from polca.report import figures, interactive, write_report
 from polca.store import RunDir, atomic_write_json, atomic_write_parquet
 from polca.tasks.addition import Addition
 
@@ -64,9 +63,11 @@ def make_run(root, with_results: bool = True) -> RunDir:
         "vectors": [{"index": i, "kind": "hessian", "checkpoint": i, "step": 10 * i,
                      "eigenvalue": 4.5 - i, "eigenvalue_source": "lanczos", "residual": 1e-6}
                     for i in range(m)]})
-    atomic_write_json(run.root / "diagnostics" / "hessian.json", {
+    run.write_diagnostics("hessian", {
         "basis": "hessian", "steps": STEPS, "n_vectors": m, "estimators": {
             "first_order": {"explained_fraction": 0.8}, "polca": {"explained_fraction": 0.88}},
+        "explained_per_interval": {"first_order": [0.8] * intervals,
+                                   "polca": [0.88, None] + [0.88] * (intervals - 2)},
         "first_vs_second_order": {"cosine_similarity": 1.0, "relative_l2_difference": 0.1},
         "rmse_paper_vs_exact_second_order": None, "zero_step_intervals": []})
     measures = np.column_stack([loss.mean(0), np.linspace(0, 1, len(STEPS)),
@@ -91,8 +92,15 @@ def make_run(root, with_results: bool = True) -> RunDir:
         "n_clusters": 3, "n_hidden": 2, "vectors": [{"vector": 0, "kept": True},
                                                     {"vector": 1, "kept": True}]})
     (run.root / "evaluation").mkdir()
-    pd.DataFrame({"name": ["polca-hessian", CSV_TEXT], "homogeneity": [0.973, 0.5]}).to_csv(
+    pd.DataFrame({"name": ["polca-hessian", CSV_TEXT], "rank": [1, 1], "vector": [1, None],
+                  "cluster": [0, 0], "size": [int(carry.sum()), 3], "homogeneity": [0.973, 0.5],
+                  "recall": [0.5, 0.1], "f1": [0.66, 0.2], "paper_homogeneity": [0.973, None],
+                  "paper_recall": [0.736, None], "paper_f1": [0.838, None]}).to_csv(
         run.root / "evaluation" / "carry.csv", index=False)
+    pd.DataFrame({"name": ["polca-hessian"], "kind": ["polca"], "basis": ["hessian"],
+                  "n_clusters": [3], "n_hidden": [2], "hidden_fraction": [2 / 3], "tau": [25],
+                  "delta": [10], "paper": [0.355]}).to_csv(
+        run.root / "evaluation" / "hidden.csv", index=False)
     return run
 
 
@@ -155,7 +163,7 @@ def report(tmp_path_factory):
     run = make_run(tmp_path_factory.mktemp("run") / "r")
     ctx = SimpleNamespace(run=run, cfg=parse_config({"name": "report-test", "report": {
         "examples_per_cluster": 2}}))
-    return run, run_report(ctx, progress=False)
+    return run, run_stage(ctx, "report", progress=False)
 
 
 def test_page_is_self_contained_with_inline_images(report):
@@ -163,8 +171,11 @@ def test_page_is_self_contained_with_inline_images(report):
     text = path.read_text(encoding="utf-8")
     page = parse(path)
     assert path == run.report / "index.html"
-    assert "http://" not in text and "https://" not in text
-    assert not {"script", "link", "iframe"} & page.tags
+    outside_scripts = re.sub(r"<script>.*?</script>", "", text, flags=re.DOTALL)
+    assert "http://" not in outside_scripts and "https://" not in outside_scripts
+    assert not {"link", "iframe"} & page.tags
+    # a script only with the interactive view, and inline (no src: nothing to load)
+    assert ("script" in page.tags) == interactive.available()
     assert all(link.startswith(("data:image/png;base64,", "#")) for link in page.links)
     inline = [base64.b64decode(src.split(",", 1)[1]) for src in page.images]
     saved = sorted(p.read_bytes() for p in run.report.glob("*.png"))
@@ -230,19 +241,31 @@ def test_cluster_browser_counts_breaks_and_examples(report):
 
 def test_diagnostics_per_interval_and_summary(report):
     run, path = report
-    loss = run.arrays().read("loss")
-    # the hand-made terms allocate 0.8 ΔL (first order) and 0.88 ΔL (with the second order)
-    explained = RunData(run).explained_per_interval("hessian", loss)
-    for estimator, share in (("first_order", 0.8), ("polca", 0.88)):
-        for t in range(len(STEPS) - 1):
-            total = sum(abs(loss[x, t + 1] - loss[x, t]) for x in range(len(loss)))
-            residual = sum(abs((1 - share) * (loss[x, t + 1] - loss[x, t]))
-                           for x in range(len(loss)))
-            assert explained[estimator][t] == pytest.approx(1 - residual / total, rel=1e-9)
-    rows = {r["quantity"]: r["hessian"] for r in table_with(parse(path), "Decomposition diag")}
+    rows = {r["quantity"]: r["hessian"] for r in table_with(parse(path), "Decomposition diagnostics per")}
     assert rows["explained: polca"] == "0.88" and rows["zero_step_intervals"] == "0"
     assert (run.report / "diagnostics_explained.png").is_file()
     assert (run.report / "progress_measures.png").is_file()
+
+
+def test_the_interactive_view_can_be_turned_off(tmp_path):
+    run = make_run(tmp_path / "run")
+    text = run.config_path.read_text()
+    run.config_path.write_text(text.replace("[report]\n", "[report]\ninteractive = false\n"))
+    page = write_report(run.root).read_text()
+    assert "<script" not in page and "Trajectories, interactive" not in page
+
+
+@pytest.mark.skipif(not interactive.available(), reason="needs the [interactive] extra")
+def test_the_interactive_view_shows_every_token_with_its_text(report):
+    run, path = report
+    text = path.read_text(encoding="utf-8")
+    tokens = run.read_tokens()
+    assert "Trajectories, interactive" in text and "<script src" not in text
+    # the data behind the hover: each token's full problem and labels
+    problems = run.read_sequences().set_index("sequence")["text"]
+    for i in (0, len(tokens) - 1):
+        row = tokens.iloc[i]
+        assert f"[{problems[row['sequence']]}], place {row['place']}, carry" in text
 
 
 def test_missing_stages_degrade_to_notes(tmp_path):
@@ -267,7 +290,7 @@ def test_loss_curves_lines_are_group_means():
         members = [i for i in range(9) if groups[i] == value]
         mean = [sum(loss[i, t] for i in members) / len(members) for t in range(4)]
         np.testing.assert_allclose(line.get_ydata(), mean)
-        assert line.get_label() == f"g={value}"
+        assert line.get_label() == f"g={value} (3 tokens)"
     assert list(ax.lines[4].get_xdata()) == [10, 10]  # the break marker
 
 
@@ -286,8 +309,8 @@ def test_cluster_trajectories_top_clusters_and_breaks():
                                        breaks={2: 30, 3: 40})
     left, right = fig.axes
     curves = [line for line in left.lines if len(line.get_xdata()) == 5]
-    assert [line.get_label() for line in curves] == ["cluster 2 (5)", "cluster 1 (4)",
-                                                     "cluster 0 (3)"]
+    assert [line.get_label() for line in curves] == [
+        "cluster 2 (5 tokens)", "cluster 1 (4 tokens)", "cluster 0 (3 tokens)"]
     for line_p, line_l, cluster in zip(curves, right.lines, (2, 1, 0)):
         members = [i for i in range(17) if labels[i] == cluster]
         for t in range(5):

@@ -1,9 +1,15 @@
 """The report renders in a real browser: headless Chromium, driven over the DevTools protocol.
 
 Chromium is started with ``--remote-debugging-pipe`` (protocol messages on fds 3 and 4, no
-network port, no extra Python package). The test opens the page and collects every console
-error, uncaught exception, failed load and network request, then asks the page how many tables
-and images it has and whether each image decoded (``naturalWidth > 0``).
+network port, no extra Python package). The test opens the page in a 1400 × 1000 px window and
+collects every console error, uncaught exception, failed load and network request, then asks
+the page how many tables and images it has, whether each image decoded (``naturalWidth > 0``)
+and where the findings' summary (the overview and its table) ends: on the first screen, for the
+report of an addition run, a text run and a run of checkpoints made outside polca.
+
+The screenshots of docs/report.md come from the same code:
+
+    python tests/test_report_browser.py runs/demo-addition/report/index.html docs/report-addition.png
 """
 
 from __future__ import annotations
@@ -18,11 +24,21 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from test_report import make_run
+from typer.testing import CliRunner
 
+from polca.cli import app
 from polca.report import write_report
+
+try:  # the tiny Hugging Face series of test_analyze (a fixture), when transformers is there
+    from test_analyze import data
+except pytest.skip.Exception:
+    @pytest.fixture
+    def data():
+        pytest.skip("the outside run is a Hugging Face series: needs transformers")
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = pytest.mark.skipif(
@@ -31,11 +47,16 @@ pytestmark = pytest.mark.skipif(
 FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync",
          "--remote-debugging-pipe")
+WIDTH, FOLD = 1400, 1000  # the window, and the height of its first screen (px)
 PAGE_FACTS = """JSON.stringify({
   tables: document.querySelectorAll('table').length,
   details: document.querySelectorAll('details').length,
   images: Array.from(document.images).map(i => ({complete: i.complete, width: i.naturalWidth})),
   width: document.documentElement.scrollWidth, height: document.documentElement.scrollHeight,
+  summary: (() => { const s = document.querySelector('#found table');
+                    return s ? s.getBoundingClientRect().bottom + window.scrollY : null; })(),
+  overview: (() => { const o = document.querySelector('#found p');
+                     return o ? o.textContent : null; })(),
 })"""
 
 
@@ -126,6 +147,9 @@ def open_page(path: Path) -> tuple[dict, list[str], list[str], bytes]:
                                {"targetId": target, "flatten": True})["sessionId"]
         for domain in ("Runtime", "Log", "Page", "Network"):
             browser.call(f"{domain}.enable", session=session)
+        browser.call("Emulation.setDeviceMetricsOverride", {
+            "width": WIDTH, "height": FOLD, "deviceScaleFactor": 1, "mobile": False},
+            session=session)
         browser.call("Page.navigate", {"url": path.resolve().as_uri()}, session=session)
         browser.wait_for("Page.loadEventFired")
         facts = json.loads(browser.call("Runtime.evaluate", {
@@ -149,15 +173,57 @@ def open_page(path: Path) -> tuple[dict, list[str], list[str], bytes]:
     return facts, problems, requests, base64.b64decode(shot["data"])
 
 
-def test_report_renders_without_errors(tmp_path):
-    run = make_run(tmp_path / "run")
-    path = write_report(run.root)
+def check_page(path: Path) -> tuple[dict, bytes]:
+    """Open a report: no problem, no request but the page, every image decoded, the summary
+    on the first screen. Returns the page facts and the first screen."""
     facts, problems, requests, screenshot = open_page(path)
     assert problems == []
     # besides its inline data: images the page requests only itself: no network, not a font
     assert [url for url in requests if not url.startswith("data:")] == [path.resolve().as_uri()]
+    assert facts["images"] and all(i["complete"] and i["width"] > 0 for i in facts["images"])
+    assert facts["summary"] is not None and 0 < facts["summary"] <= FOLD, facts["summary"]
+    assert screenshot.startswith(b"\x89PNG\r\n\x1a\n")
+    return facts, screenshot
+
+
+def test_addition_report_renders_with_the_summary_first(tmp_path):
+    run = make_run(tmp_path / "run")
+    facts, _ = check_page(write_report(run.root))
     assert facts["tables"] >= 8 and facts["details"] >= 3
     assert len(facts["images"]) >= 6
-    assert all(image["complete"] and image["width"] > 0 for image in facts["images"])
-    assert screenshot.startswith(b"\x89PNG\r\n\x1a\n")
+    assert facts["overview"].startswith("1 of 1 clusterings")
 
+
+def test_text_report_renders_with_the_summary_first(tmp_path):
+    from test_report_text import planted_run
+
+    from polca.config import parse_config
+    from polca.stages.evaluate import run_evaluate
+
+    run = planted_run(tmp_path / "text")
+    cfg = parse_config({"name": "planted", "task": {"kind": "text"}})
+    run_evaluate(SimpleNamespace(run=run, cfg=cfg), progress=False)
+    check_page(write_report(run.root))
+    assert "POS-labelled clusters" in run.report_path().read_text()
+
+
+def test_outside_run_report_renders_with_the_summary_first(tmp_path, data):
+    result = CliRunner().invoke(app, [str(a) for a in (
+        "analyze", "--hf", data["gpt2"] / "checkpoint-*", "--probe", data["probe"],
+        "--basis-sample", data["sample"], "--tokenizer", data["tokenizer"], "--name", "outside",
+        "--runs", tmp_path, "--quiet", "--set", "decompose.lca=false",
+        "--set", "cluster.trajectories=['loss', 'polca']")])
+    assert result.exit_code == 0, result.output
+    page = tmp_path / "outside" / "report" / "index.html"
+    check_page(page)
+    text = page.read_text()
+    # an outside run is never told to train or to compute progress measures
+    assert "polca train" not in text and "polca measures" not in text
+    assert "d_model" not in text.split('id="configuration"')[1]
+
+
+if __name__ == "__main__":  # the first screen of a report, for the docs
+    import sys
+
+    _, page, png = sys.argv
+    Path(png).write_bytes(open_page(Path(page))[3])

@@ -8,6 +8,7 @@ planted groups.
 """
 
 import html
+import shutil
 from types import SimpleNamespace
 
 import numpy as np
@@ -15,15 +16,10 @@ import pandas as pd
 import pytest
 
 from polca.config import parse_config
-from polca.report.text import (
-    LABELS_FILE,
-    has_pos,
-    label_summary,
-    labels_found,
-    pos_cluster_table,
-    text_section,
-)
+from polca.label import has_pos
+from polca.report.text import label_summary, labels_found, text_section
 from polca.stages.cluster import run_cluster
+from polca.stages.evaluate import pos_cluster_table
 from polca.store import RunDir
 
 STEPS = [0, 100, 200, 300, 400, 500]
@@ -77,7 +73,7 @@ def run(tmp_path_factory):
 
 
 def test_pos_cluster_table_labels_the_planted_groups(run):
-    table = pos_cluster_table(run.root, examples=5)
+    table = pos_cluster_table(run, examples=5)
     assert set(table["name"]) == {"loss", "polca-hessian"}
     for name, groups in (("loss", [0, 1, 2]), ("polca-hessian", [0, 1])):
         rows = table[table["name"] == name]
@@ -101,31 +97,31 @@ def test_pos_cluster_table_labels_the_planted_groups(run):
 
 
 def test_text_section_shows_labels_and_escaped_contexts(run):
-    page = text_section(run.root, examples=5)
+    assert "run `polca evaluate`" in text_section(run.root)  # no table saved yet
+    page = text_section(run.root, pos_cluster_table(run, examples=5))
     assert "polca-hessian, vector 0" in page and "exact loss clusters" in page
     assert "[DET] [ADJ] [NOUN] [PUNCT]" in page and "[PRON] [AUX] [VERB] [ADP]" in page
     for context in CONTEXTS:
         assert html.escape(context, quote=True) in page
     assert "<script>" not in page and "<b>bold</b>" not in page
-    # the section reads the table the evaluate stage saves, when there is one
-    table = pos_cluster_table(run.root, examples=5)
+    # the section reads the table the evaluate stage saves
+    table = pos_cluster_table(run, examples=5)
     table.loc[0, "label"] = "[SAVED] <&>"
-    run.evaluation.mkdir(exist_ok=True)
-    table.to_parquet(run.evaluation / LABELS_FILE)
+    run.write_evaluation({}, table)
     try:
         assert "[SAVED] &lt;&amp;&gt;" in text_section(run.root)
     finally:
-        (run.evaluation / LABELS_FILE).unlink()
+        shutil.rmtree(run.evaluation)
 
 
 def test_text_section_is_empty_without_pos_columns(tmp_path, run):
     tokens = run.read_tokens().drop(columns=["pos", "pos_4gram"])
     plain = RunDir(tmp_path)
-    plain.write_probe(pd.read_parquet(run.probe / "sequences.parquet"), tokens)
+    plain.write_probe(run.read_sequences(), tokens)
     assert not has_pos(tokens)
     assert text_section(plain.root) == ""
     with pytest.raises(ValueError, match="pos_tags = true"):
-        pos_cluster_table(plain.root)
+        pos_cluster_table(plain)
 
 
 @pytest.mark.slow
@@ -133,6 +129,7 @@ def test_text_pipeline_end_to_end_labels_clusters_in_the_report(tmp_path):
     """Every stage on a tiny corpus: the report has the POS section, the evaluation its table."""
     pytest.importorskip("tokenizers")
     pytest.importorskip("spacy")
+    from polca.api import run_stage
     from polca.stages.common import open_run
 
     sentences = ["The farmer sold the cows, and the village grew.",
@@ -157,18 +154,15 @@ def test_text_pipeline_end_to_end_labels_clusters_in_the_report(tmp_path):
     ctx = open_run(tmp_path / "run", cfg)
     for stage in ("train", "trajectories", "basis", "decompose", "cluster", "evaluate",
                   "report"):
-        module = __import__(f"polca.stages.{stage}", fromlist=["_"])
-        getattr(module, f"run_{stage}")(ctx, progress=False)
-    table = pd.read_parquet(ctx.run.evaluation / LABELS_FILE)
+        run_stage(ctx, stage, progress=False)
+    table = ctx.run.read_pos_clusters()
     assert len(table) and set(table["name"]) <= {"loss", "polca-hessian"}
     tokens = ctx.run.read_tokens()
     for row in table.itertuples():  # the examples are members of the cluster they illustrate
-        assigned = pd.read_parquet(ctx.run.clusters / f"{row.name}.parquet")
-        if row.vector >= 0:
-            assigned = assigned[assigned["vector"] == row.vector]
-        label = assigned.set_index("token")["label"]
-        assert (label.loc[list(row.examples)] == row.cluster).all()
+        clustering = ctx.run.read_clustering(row.name)
+        label = clustering.labels(None if row.vector < 0 else row.vector, len(tokens))
+        assert (label[list(row.examples)] == row.cluster).all()
         assert list(row.example_contexts) == tokens["context"].iloc[row.examples].tolist()
-    page = (ctx.run.report / "index.html").read_text()
+    page = ctx.run.report_path().read_text()
     assert "POS-labelled clusters" in page
     assert html.escape(table["label"].iloc[0], quote=True) in page

@@ -49,5 +49,5 @@ def test_array_blocks_and_markers(tmp_path):
 def test_a_run_refuses_a_different_config(tmp_path):
     open_run(tmp_path, parse_config({"name": "a", "task": {"n_probe": 10}}))
     open_run(tmp_path, parse_config({"name": "a", "task": {"n_probe": 10}}))  # same: fine
-    with pytest.raises(StoreError, match="different config"):
+    with pytest.raises(StoreError, match="other settings .*task.n_probe: 10 → 11"):
         open_run(tmp_path, parse_config({"name": "a", "task": {"n_probe": 11}}))

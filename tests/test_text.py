@@ -211,7 +211,8 @@ def test_from_config_saves_the_tokenizer_with_the_run_and_reuses_it(tmp_path):
                "context_length": 16, "probe_tokens": 40, "pos_tags": False}
     cfg = parse_config({"name": "t", "task": {"kind": "text", "options": options}})
     first = TextTask.from_config(cfg, tmp_path)
-    saved = (tmp_path / "tokenizer.json").read_text()
+    RunDir(tmp_path).write_task_files(first.run_files())  # as open_run keeps it
+    saved = RunDir(tmp_path).tokenizer_path.read_text()
     assert first.tokenizer.to_str() == saved and first.vocab_size == 300
     # a saved tokenizer wins over training a new one, even if training would differ
     changed = parse_config({"name": "t", "task": {"kind": "text",

@@ -4,6 +4,8 @@
 state dicts) and runs the stages; it is imported on first use, so ``import polca`` stays cheap.
 """
 
+__version__ = "0.1.0"
+
 
 def __getattr__(name: str):
     if name == "Run":
@@ -13,4 +15,4 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'polca' has no attribute {name!r}")
 
 
-__all__ = ["Run"]
+__all__ = ["Run", "__version__"]

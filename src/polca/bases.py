@@ -22,21 +22,14 @@ Example:
 
 from __future__ import annotations
 
-import json
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load as load_safetensors
-from safetensors.torch import save as save_safetensors
 
-from polca.curvature import BasisCheckpoint, hessian_basis, rayleigh_quotients
+from polca.curvature import Algorithm1Options, BasisCheckpoint, hessian_basis, rayleigh_quotients
 from polca.functional import ProbeBatch, TokenLoss
-from polca.store import StoreError, atomic_write_bytes, atomic_write_json
 
 KINDS = ("hessian", "random", "shuffled-hessian", "trajectory-pca", "user")
 PROVENANCE_KEYS = ("index", "kind", "checkpoint", "step", "eigenvalue", "eigenvalue_source",
@@ -84,60 +77,6 @@ class Basis:
         return {"name": self.name, "kind": self.kind, "dim": self.dim,
                 "vectors": self.provenance, "params": self.params}
 
-    def save(self, folder: str | os.PathLike) -> None:
-        """Write ``<folder>/<name>.safetensors`` (tensor ``vectors``) then ``<name>.json``.
-
-        Each file is replaced atomically; the json is written last, so a reader that finds it
-        also finds vectors at least as recent."""
-        folder = Path(folder)
-        atomic_write_bytes(folder / f"{self.name}.safetensors",
-                           save_safetensors({"vectors": self.vectors.contiguous()}))
-        atomic_write_json(folder / f"{self.name}.json", self.metadata())
-
-    @classmethod
-    def load(cls, folder: str | os.PathLike, name: str, dim: int | None = None,
-             allow_extra_rows: bool = False) -> Basis:
-        """Read ``<folder>/<name>.{safetensors,json}``; ``dim`` is the model's parameter count.
-
-        ``allow_extra_rows`` keeps the first ``len(provenance)`` rows when the vectors file is
-        ahead of the json (a save interrupted between the two files)."""
-        folder = Path(folder)
-        meta_path, vectors_path = folder / f"{name}.json", folder / f"{name}.safetensors"
-        for path in (meta_path, vectors_path):
-            if not path.is_file():
-                raise StoreError(f"basis file {path} does not exist: run `polca basis` first")
-        meta = json.loads(meta_path.read_text())
-        vectors = _read_vectors(vectors_path)
-        entries = meta["vectors"]
-        if allow_extra_rows and len(vectors) > len(entries):
-            vectors = vectors[: len(entries)]
-        if dim is not None and vectors.shape[1] != dim:
-            raise BasisError(
-                f"{vectors_path} has vectors of dimension {vectors.shape[1]} but the model has "
-                f"{dim} parameters in θ: the basis was made for another model or parameter "
-                f"selection. Rebuild it (delete {vectors_path} and {meta_path}, run `polca basis`)."
-            )
-        if len(vectors) != len(entries):
-            raise BasisError(f"{vectors_path} holds {len(vectors)} vectors but {meta_path} "
-                             f"describes {len(entries)}; delete both and rebuild the basis")
-        return cls(meta["name"], meta["kind"], vectors, entries, meta.get("params", {}))
-
-
-def _read_vectors(path: Path) -> torch.Tensor:
-    try:
-        tensors = load_safetensors(path.read_bytes())
-    except (SafetensorError, OSError) as err:
-        raise BasisError(f"{path} is not a readable safetensors file ({err}); write the basis "
-                         "with safetensors.torch.save_file({'vectors': V}, path)") from None
-    if "vectors" not in tensors:
-        raise BasisError(f"{path} has no tensor named 'vectors' (it has {sorted(tensors)}); "
-                         "save the [m, d] basis matrix under the name 'vectors'")
-    vectors = tensors["vectors"]
-    if vectors.ndim != 2 or not vectors.is_floating_point():
-        raise BasisError(f"{path}: 'vectors' must be a float matrix [m, d]; got "
-                         f"{vectors.dtype} of shape {tuple(vectors.shape)}")
-    return vectors.to(torch.float64)
-
 
 def _fix_signs(vectors: torch.Tensor) -> torch.Tensor:
     """Flip rows so that each one's entry of largest magnitude is positive (a canonical sign)."""
@@ -149,25 +88,28 @@ def hessian(
     loss: TokenLoss,
     checkpoints: Sequence[BasisCheckpoint],
     sample: ProbeBatch,
-    k: int = 1,
-    tol: float = 1e-3,
-    solver: str = "eigsh",
-    max_vectors: int | None = None,
-    batch_size: int = 256,
-    dtype: torch.dtype | str = torch.float64,
-    seed: int = 0,
+    options: Algorithm1Options | None = None,
+    *,
+    shuffled: bool = False,
+    name: str | None = None,
     partial: Basis | None = None,
     on_checkpoint: Callable[[Basis], None] | None = None,
-    name: str = "hessian",
-    kind: str = "hessian",
     params: dict | None = None,
+    make_operator: Callable[[torch.Tensor], object] | None = None,
 ) -> Basis:
-    """Algorithm 1 over ``checkpoints`` in the given order (see :func:`curvature.hessian_basis`).
+    """Algorithm 1 over ``checkpoints`` (see :func:`polca.curvature.hessian_basis`): in training
+    order (kind ``hessian``) or, with ``shuffled``, in the seeded permutation
+    :func:`shuffled_order` of them (kind ``shuffled-hessian``, the paper's Appendix E).
 
     ``partial`` (a basis saved by ``on_checkpoint``) resumes: its checkpoints must be the first
-    ones of ``checkpoints``; the rest are processed. ``on_checkpoint(basis)`` gets the basis so
-    far after every checkpoint.
+    ones of the order; the rest are processed. ``on_checkpoint(basis)`` gets the basis so far
+    after every checkpoint. ``make_operator``: see :func:`polca.curvature.hessian_basis`.
     """
+    options = options or Algorithm1Options()
+    kind = "shuffled-hessian" if shuffled else "hessian"
+    name = name or kind
+    if shuffled:
+        checkpoints = [checkpoints[i] for i in shuffled_order(len(checkpoints), options.seed)]
     done: list[int] = []
     if partial is not None:
         for entry in partial.provenance:
@@ -183,29 +125,23 @@ def hessian(
         return Basis(name, kind, vectors, provenance, params)
 
     vectors, provenance = hessian_basis(
-        loss, checkpoints[len(done):], sample, k=k, tol=tol, solver=solver,
-        max_vectors=max_vectors, batch_size=batch_size, dtype=dtype, seed=seed,
+        loss, checkpoints[len(done):], sample, options,
         vectors=None if partial is None else partial.vectors,
         provenance=None if partial is None else partial.provenance,
         on_checkpoint=None if on_checkpoint is None else (
             lambda v, p: on_checkpoint(as_basis(v, p))),
+        make_operator=make_operator,
     )
     return as_basis(vectors, provenance)
 
 
 def shuffled_order(n: int, seed: int) -> list[int]:
-    """A seeded permutation of ``range(n)``: the checkpoint order of ``shuffled-hessian``."""
+    """A seeded permutation of ``range(n)``: the checkpoint order of ``shuffled-hessian``.
+
+    >>> sorted(shuffled_order(5, seed=0)) == list(range(5))
+    True
+    """
     return np.random.default_rng([seed, 1]).permutation(n).tolist()
-
-
-def shuffled_hessian(
-    loss: TokenLoss, checkpoints: Sequence[BasisCheckpoint], sample: ProbeBatch, seed: int = 0,
-    **options,
-) -> Basis:
-    """Algorithm 1 over a seeded random permutation of ``checkpoints`` (paper's Appendix E)."""
-    permuted = [checkpoints[i] for i in shuffled_order(len(checkpoints), seed)]
-    options.setdefault("name", "shuffled-hessian")
-    return hessian(loss, permuted, sample, seed=seed, kind="shuffled-hessian", **options)
 
 
 def random_basis(dim: int, m: int, seed: int = 0, name: str = "random") -> Basis:
@@ -241,28 +177,30 @@ def trajectory_pca(thetas: Sequence[torch.Tensor] | torch.Tensor, m: int,
                  {"m": kept, "m_requested": m, "centred": False, "intervals": len(updates)})
 
 
-def user_basis(path: str | os.PathLike, dim: int, tol: float = 1e-5, name: str = "user") -> Basis:
-    """Load ``vectors [m, d]`` from a safetensors file and check it is orthonormal within ``tol``
-    (``max |V Vᵀ − I| ≤ tol``) and of the model's dimension ``dim``."""
-    path = Path(path)
-    if not path.is_file():
-        raise BasisError(f"user basis file {path} does not exist; set basis.user_path to a "
-                         "safetensors file holding 'vectors' [m, d]")
-    vectors = _read_vectors(path)
-    if vectors.shape[1] != dim:
-        raise BasisError(f"user basis {path} has vectors of dimension {vectors.shape[1]} but "
+def user_basis(vectors: torch.Tensor, dim: int, tol: float = 1e-5, name: str = "user",
+               source: str = "user") -> Basis:
+    """A basis the user supplies: ``vectors [m, d]`` checked orthonormal within ``tol``
+    (``max |V Vᵀ − I| ≤ tol``) and of the model's dimension ``dim``; ``source`` names where
+    they came from (a file) in messages and provenance.
+
+    >>> user_basis(torch.eye(3, dtype=torch.float64)[:2], dim=3).params["orthonormality_error"]
+    0.0
+    """
+    vectors = vectors.to(torch.float64)
+    if vectors.ndim != 2 or vectors.shape[1] != dim:
+        raise BasisError(f"user basis {source} has vectors of dimension {vectors.shape[-1]} but "
                          f"the model has {dim} parameters in θ; flatten directions in the "
                          "parameter order of polca.functional.ParameterSpace")
     if not torch.isfinite(vectors).all():
-        raise BasisError(f"user basis {path} contains non-finite entries")
+        raise BasisError(f"user basis {source} contains non-finite entries")
     error = float((vectors @ vectors.T - torch.eye(len(vectors), dtype=torch.float64)).abs().max())
     if error > tol:
         raise BasisError(
-            f"user basis {path} is not orthonormal: max |V Vᵀ − I| = {error:.3g} > tol {tol:g}. "
-            "Orthonormalise its rows first, e.g. V = torch.linalg.qr(V.T).Q.T (float64)."
+            f"user basis {source} is not orthonormal: max |V Vᵀ − I| = {error:.3g} > tol "
+            f"{tol:g}. Orthonormalise its rows first, e.g. V = torch.linalg.qr(V.T).Q.T (float64)."
         )
     return Basis(name, "user", vectors, [{} for _ in range(len(vectors))],
-                 {"path": str(path), "orthonormality_error": error})
+                 {"path": source, "orthonormality_error": error})
 
 
 def with_rayleigh_eigenvalues(basis: Basis, operator, step: int | None = None) -> Basis:

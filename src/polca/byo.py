@@ -19,6 +19,8 @@ Example:
     [0, 100]
     >>> loss = module_token_loss(lambda: MyModel(), loss_fn=None)                      # doctest: +SKIP
     >>> theta = loss.space.flatten(series.load(100))                                   # doctest: +SKIP
+
+The run source of such a series is :class:`polca.sources.StateDictSource`.
 """
 
 from __future__ import annotations
@@ -281,13 +283,6 @@ def state_series(files: Sequence[str | os.PathLike] | str,
     if check:
         series.check_consistent()
     return series
-
-
-def load_state_series(files: Sequence[str | os.PathLike] | str,
-                      steps: Sequence[int] | None = None) -> list[tuple[int, dict[str, torch.Tensor]]]:
-    """``[(step, state_dict)]`` in step order, every file read and checked (see :func:`state_series`)."""
-    series = state_series(files, steps, check=True)
-    return list(series.items())
 
 
 def module_token_loss(

@@ -25,7 +25,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
-from polca.store import atomic_write_bytes, atomic_write_json
+from polca.atomic import atomic_write_bytes, atomic_write_json
 
 MANIFEST = "manifest.json"
 

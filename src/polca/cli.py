@@ -4,6 +4,11 @@
     polca train runs/demo-addition            # one stage (a run directory or a config file)
     polca demo                                # the shipped demo into runs/demo-addition
     polca analyze --hf ckpts/checkpoint-* --probe probe.jsonl --name mine   # your own run
+
+Every command that runs stages prints one line per stage (its time, or "done (skipped)"),
+ends with what the run found in plain sentences and the report's path, and stops on bad
+input with one ``error:`` line (exit 2). Ctrl-C or SIGTERM stop it with a line that says how
+far it got (exit 130 or 143); the same command resumes.
 """
 
 from __future__ import annotations
@@ -15,116 +20,240 @@ import os
 # slower (2.9 against 49 steps/s measured; 61 with one thread).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+import functools
+import signal
+import threading
+import time
 from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from polca.api import ANALYSIS_STAGES, STAGES
+from polca import progress as P
+from polca.bases import BasisError
 from polca.byo import CheckpointSeriesError
 from polca.checkpoints import CheckpointError
-from polca.config import ConfigError, load_config
+from polca.config import ConfigError, load_config, parse_settings, shipped_config
+from polca.corpus import CorpusError
 from polca.probes import ProbeFileError
+from polca.stages import STAGES
 from polca.store import StoreError
 
 # user errors: stop with the message (it names the problem and the fix), no traceback
 # (NotImplementedError: a Hugging Face architecture polca cannot differentiate exactly)
 ERRORS = (ConfigError, StoreError, CheckpointError, CheckpointSeriesError, ProbeFileError,
-          NotImplementedError)
+          CorpusError, BasisError, NotImplementedError, FileNotFoundError)
+SIGNAL_EXIT = {signal.SIGINT: 130, signal.SIGTERM: 143}  # 128 + the signal's number
 
 app = typer.Typer(
     help="Find hidden breakthroughs in training runs (POLCA).",
     no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False,
 )
 
-CONFIGS = Path(__file__).resolve().parents[2] / "configs"
-
 Target = Annotated[Path, typer.Argument(help="a run directory, or a config TOML (run goes to "
                                              "RUNS/<name>)")]
 RunsDir = Annotated[Path, typer.Option("--runs", help="where config runs are created")]
-Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars")]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars or stage lines")]
+Settings = Annotated[list[str], typer.Option(
+    "--set", help="any config value, SECTION.KEY=VALUE (repeatable), e.g. cluster.min_samples=5")]
+# where and how a command computes (config sections compute and executor)
+Device = Annotated[str | None, typer.Option(
+    help="where to compute: cpu, cuda, cuda:1, auto (default: the config's compute.device)")]
+Dtype = Annotated[str | None, typer.Option(
+    help="the model's arithmetic: float64, float32, tf32, bfloat16 (projections accumulate "
+         "in float64; default: each stage's own, float64 on the CPU)")]
+ExecutorKind = Annotated[str | None, typer.Option(
+    "--executor", help="in-process (default) or ray: blocks of intervals and checkpoints as Ray "
+                       "tasks, basis sample shards as Ray actors (pip install "
+                       "'polca-breakthroughs[ray]')")]
+Address = Annotated[str | None, typer.Option(
+    help="the Ray cluster: auto (started with `ray start --head`) or HOST:PORT (default: a "
+         "local one)")]
 
 
-def _open(target: Path, runs: Path):
-    from polca.stages.common import open_run
+def _show_version(value: bool) -> None:
+    if value:
+        from polca import __version__
 
-    if target.suffix == ".toml":
-        cfg = load_config(target)
-        return open_run(runs / cfg.name, cfg)
-    if not (target / "config.toml").is_file():
-        raise ConfigError(f"{target} is neither a config .toml file nor a run directory with a "
-                          "config.toml; pass e.g. configs/demo-addition.toml")
-    return open_run(target)
+        typer.echo(f"polca {__version__}")
+        raise typer.Exit()
 
 
-def _execute(ctx, stages, quiet: bool) -> None:
-    from polca.api import run_stage
-    from polca.stages.evaluate import format_tables
-
-    report = None
-    for name in stages:
-        typer.secho(f"── {name}", fg=typer.colors.CYAN, err=True)
-        result = run_stage(ctx, name, progress=not quiet)
-        if name == "evaluate" and result is not None and len(stages) == 1:
-            typer.echo(format_tables(result))
-        if name == "report":
-            report = result
-    if "evaluate" in stages and len(stages) > 1:
-        typer.echo(_summary(ctx.run.root))
-    if report is not None:
-        typer.secho(f"report: {report}", fg=typer.colors.GREEN)
-    typer.secho(f"run: {ctx.run.root}", fg=typer.colors.GREEN)
+@app.callback()
+def main(_version: Annotated[bool, typer.Option(
+        "--version", callback=_show_version, is_eager=True,
+        help="print the version and exit")] = False) -> None:
+    """Find hidden breakthroughs in training runs (POLCA)."""
 
 
-def _summary(root: Path) -> str:
-    """The reproduction table where the run has the paper's carry labels, else the
-    hidden-breakthrough table (the full tables are in the run's evaluation/ folder)."""
-    import pandas as pd
+# -- errors and signals ---------------------------------------------------------------------------
+class Interrupted(BaseException):
+    """SIGINT or SIGTERM arrived (a BaseException, so no ``except Exception`` swallows it)."""
 
-    from polca.evaluate import format_table
-    from polca.report.reproduction import reproduction_markdown
-
-    def table(name):
-        path = root / "evaluation" / f"{name}.csv"
-        return pd.read_csv(path) if path.is_file() and path.stat().st_size > 1 else None
-
-    if table("carry") is not None:
-        return reproduction_markdown(root)
-    hidden = table("hidden")
-    if hidden is None:
-        return "No clusters were found (see the report's cluster section)."
-    return format_table(hidden.drop(columns=["paper"], errors="ignore"),
-                        "Hidden breakthroughs (cluster mean break step > tau)")
+    def __init__(self, signum: int, where: str = ""):
+        super().__init__(signum, where)
+        self.signum, self.where = signum, where
 
 
-def _fail(err: Exception):
-    typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
+def _raise_interrupted(signum, frame) -> None:
+    raise Interrupted(signum)
+
+
+def command(function):
+    """A CLI command that ends every way with one line: an ``error:`` (exit 2, no traceback;
+    ``POLCA_TRACEBACK=1`` shows it for an unexpected one) or a resumable interruption."""
+
+    @functools.wraps(function)
+    def wrapper(*args, **kwargs):
+        handlers = ({s: signal.signal(s, _raise_interrupted) for s in SIGNAL_EXIT}
+                    if threading.current_thread() is threading.main_thread() else {})
+        try:
+            return function(*args, **kwargs)
+        except (Interrupted, KeyboardInterrupt) as err:
+            signum = getattr(err, "signum", signal.SIGINT)
+            where = getattr(err, "where", "")
+            typer.secho(f"interrupted{f' ({where})' if where else ''} — run the same command "
+                        "to resume", fg=typer.colors.YELLOW, err=True)
+            raise typer.Exit(SIGNAL_EXIT[signum]) from None
+        except ERRORS as err:
+            raise _fail(str(err)) from None
+        except (typer.Exit, typer.Abort):
+            raise
+        except Exception as err:
+            if os.environ.get("POLCA_TRACEBACK"):
+                raise
+            raise _fail(f"unexpected {type(err).__name__}: {err} (rerun with POLCA_TRACEBACK=1 "
+                        "to see where; if it is a bug, please report it)") from None
+        finally:
+            for signum, handler in handlers.items():
+                signal.signal(signum, handler)
+
+    return wrapper
+
+
+def _fail(message: str) -> typer.Exit:
+    """One ``error:`` line (a message of several lines is joined), exit status 2."""
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    typer.secho(f"error: {'; '.join(lines)}", fg=typer.colors.RED, err=True)
     return typer.Exit(2)
 
 
-def _run_stages(target: Path, runs: Path, stages, quiet: bool) -> None:
+# -- opening and running --------------------------------------------------------------------------
+def _compute(device=None, dtype=None, executor=None, address=None) -> dict:
+    """Config sections of the compute options given on the command line."""
+    out: dict = {}
+    if device is not None or dtype is not None:
+        out["compute"] = {k: v for k, v in (("device", device), ("dtype", dtype)) if v}
+    if executor is not None or address is not None:
+        out["executor"] = {k: v for k, v in (("kind", executor), ("address", address)) if v}
+        if address is not None and executor is None:
+            out["executor"]["kind"] = "ray"
+    return out
+
+
+def _overrides(settings: list[str], compute: dict | None = None) -> dict:
+    """``--set`` values with the compute options (which win) merged over them."""
+    from polca.config import merged
+
+    return merged(parse_settings(settings), compute or {})
+
+
+def _open(target: Path, runs: Path, overrides: dict):
+    from polca.config import merged, parse_config
+    from polca.stages.common import open_run
+    from polca.store import RunDir
+
+    if target.suffix == ".toml":
+        cfg = load_config(target, overrides)
+        return open_run(runs / cfg.name, cfg)
+    run = RunDir(target)
+    if not run.exists():
+        raise ConfigError(f"{target} is neither a config .toml file nor a run directory with a "
+                          "config.toml; pass e.g. configs/demo-addition.toml")
+    if not overrides:
+        return open_run(target)
+    stored = load_config(run.config_path)
+    return open_run(target, parse_config(
+        merged(stored.model_dump(mode="json", exclude_none=True), overrides),
+        source=f"{run.config_path} with --set"))
+
+
+def _execute(ctx, stages, quiet: bool) -> None:
+    """Run ``stages`` in order, one line each (its time, or "done (skipped)"), then (after the
+    stages that make them: evaluate, report) what the run found and where its report is."""
+    from polca.api import run_stage
+
+    with ctx.run.lock():  # the whole command: no other process between two stages
+        for name in stages:
+            started = time.monotonic()
+            with P.journal() as log:
+                try:
+                    run_stage(ctx, name, progress=not quiet)
+                except (Interrupted, KeyboardInterrupt) as err:
+                    position = log.position()
+                    where = f"during {name}" + (f", {position} on disk" if position else "")
+                    raise Interrupted(getattr(err, "signum", signal.SIGINT), where) from None
+            if not quiet:
+                state = ("done (skipped)" if log.skipped
+                         else f"done in {P.duration(time.monotonic() - started)}")
+                typer.secho(f"{name}: {state}", fg=typer.colors.CYAN, err=True)
+    if {"evaluate", "report"} & set(stages):
+        _conclude(ctx.run)
+
+
+def _conclude(run) -> None:
+    """What the run found, in plain sentences, and where the report is."""
+    from polca.findings import to_text
+    from polca.report.summary import identity_line, read_findings, run_identity
+
+    typer.echo("")
+    typer.echo(identity_line(run_identity(run)))
+    typer.echo(to_text(read_findings(run), brief=True), nl=False)
+    if run.report_path().is_file():
+        typer.secho(f"report: {run.report_path()}", fg=typer.colors.GREEN)
+    else:
+        typer.secho(f"run: {run.root} (no report yet: run `polca report {run.root}`)",
+                    fg=typer.colors.GREEN)
+
+
+def _run_stages(target: Path, runs: Path, stages, quiet: bool, settings: list[str],
+                compute: dict | None = None) -> None:
     from polca.api import stages_of
 
-    try:
-        ctx = _open(target, runs)
-        _execute(ctx, [s for s in stages if s in stages_of(ctx.cfg)] or stages, quiet)
-    except ERRORS as err:
-        raise _fail(err) from None
+    ctx = _open(target, runs, _overrides(settings, compute))
+    _execute(ctx, [s for s in stages if s in stages_of(ctx.cfg)] or stages, quiet)
 
 
 @app.command()
-def run(target: Target, runs: RunsDir = Path("runs"), quiet: Quiet = False) -> None:
+@command
+def run(target: Target, runs: RunsDir = Path("runs"), settings: Settings = [],  # noqa: B006
+        quiet: Quiet = False, device: Device = None, dtype: Dtype = None,
+        executor: ExecutorKind = None, address: Address = None) -> None:
     """Run every stage in order; stages (and blocks within them) already done are skipped."""
-    _run_stages(target, runs, STAGES, quiet)
+    _run_stages(target, runs, STAGES, quiet, settings, _compute(device, dtype, executor, address))
+
+
+# the stages that evaluate the model (the others read arrays)
+COMPUTING = ("train", "trajectories", "basis", "decompose", "measures")
 
 
 def _single(name: str):
-    def command(target: Target, runs: RunsDir = Path("runs"), quiet: Quiet = False) -> None:
-        _run_stages(target, runs, [name], quiet)
+    if name in COMPUTING:
+        def single(target: Target, runs: RunsDir = Path("runs"),
+                   settings: Settings = [],  # noqa: B006
+                   quiet: Quiet = False, device: Device = None, dtype: Dtype = None,
+                   executor: ExecutorKind = None, address: Address = None) -> None:
+            _run_stages(target, runs, [name], quiet, settings,
+                        _compute(device, dtype, executor, address))
+    else:
+        def single(target: Target, runs: RunsDir = Path("runs"),
+                   settings: Settings = [],  # noqa: B006
+                   quiet: Quiet = False) -> None:
+            _run_stages(target, runs, [name], quiet, settings)
 
-    command.__doc__ = f"Run the `{name}` stage only."
-    return command
+    single.__doc__ = f"Run the `{name}` stage only."
+    return command(single)
 
 
 for _name in STAGES:
@@ -137,64 +266,74 @@ class Demo(str, Enum):
 
 
 @app.command()
+@command
 def demo(which: Annotated[Demo, typer.Argument()] = Demo.addition,
-         runs: RunsDir = Path("runs"), quiet: Quiet = False) -> None:
-    """Run a shipped demo (configs/demo-<which>.toml) into RUNS/demo-<which>."""
-    _run_stages(CONFIGS / f"demo-{which.value}.toml", runs, STAGES, quiet)
-
-
-BEGIN, END = "<!-- reproduction table: begin -->", "<!-- reproduction table: end -->"
+         runs: RunsDir = Path("runs"), settings: Settings = [],  # noqa: B006
+         quiet: Quiet = False, device: Device = None, dtype: Dtype = None) -> None:
+    """Run a shipped demo (the package's configs/demo-<which>.toml) into RUNS/demo-<which>."""
+    _run_stages(shipped_config(f"demo-{which.value}.toml"), runs, STAGES, quiet, settings,
+                _compute(device, dtype))
 
 
 @app.command()
-def reproduce(target: Target = CONFIGS / "demo-addition.toml",
+@command
+def reproduce(target: Annotated[Path | None, typer.Argument(
+                  help="an addition config or run (default: the shipped demo-addition.toml)")
+              ] = None,
               out: Annotated[Path, typer.Option(help="markdown file to write")] = Path(
                   "docs/reproduction.md"),
-              runs: RunsDir = Path("runs"), quiet: Quiet = False) -> None:
+              runs: RunsDir = Path("runs"), settings: Settings = [],  # noqa: B006
+              quiet: Quiet = False, device: Device = None, dtype: Dtype = None,
+              executor: ExecutorKind = None, address: Address = None) -> None:
     """Run every stage of an addition config, then write its reproduction table (ours beside
-    the paper's numbers) as markdown."""
-    from polca.report.reproduction import reproduction_markdown
+    the paper's numbers, and the report's sentences) as markdown into OUT, between the table
+    markers."""
+    from polca.report import docs
+    from polca.store import RunDir
 
-    _run_stages(target, runs, STAGES, quiet)
-    root = target if target.suffix != ".toml" else runs / load_config(target).name
-    command = f"polca reproduce {target} --out {out}"
-    table = f"{BEGIN}\n{reproduction_markdown(root, command=command)}{END}"
+    shown = target or Path("configs/demo-addition.toml")
+    target = target or shipped_config("demo-addition.toml")
+    _run_stages(target, runs, STAGES, quiet, settings, _compute(device, dtype, executor, address))
+    root = target if target.suffix != ".toml" else runs / load_config(
+        target, parse_settings(settings)).name
+    summary = RunDir(root).read_summary()
+    if summary is None or summary.get("reproduction") is None:
+        raise ConfigError(f"{root} has no reproduction table: it is made for the addition "
+                          "task (evaluation/carry.csv)")
+    block = docs.table_block(summary, command=f"polca reproduce {shown} --out {out}")
     text = out.read_text() if out.is_file() else ""
-    if BEGIN in text and END in text:  # keep the prose around the table
-        text = text[: text.index(BEGIN)] + table + text[text.index(END) + len(END):]
+    if docs.TABLE_BEGIN in text and docs.TABLE_END in text:  # keep the prose around it
+        text = docs.replace_between(text, docs.TABLE_BEGIN, docs.TABLE_END, block)
     else:
-        text = table + "\n"
+        text = f"{docs.TABLE_BEGIN}\n{block}{docs.TABLE_END}\n"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
     typer.secho(f"table: {out}", fg=typer.colors.GREEN)
+
+
+def _label(item: str, group: str | None) -> dict:
+    """``--label role=copy`` as an ``evaluate.labels`` entry (the value read as TOML, so
+    ``true`` and ``1`` are a boolean and an integer, a bare word a string)."""
+    import tomllib
+
+    column, sep, text = item.partition("=")
+    entry = {"column": column.strip()}
+    if sep:
+        try:
+            entry["positive"] = tomllib.loads(f"v = {text}")["v"]
+        except tomllib.TOMLDecodeError:
+            entry["positive"] = text
+    if group is not None:
+        entry["group"] = group
+    return entry
 
 
 def _csv(text: str | None, kind=str) -> list | None:
     return None if text is None else [kind(v.strip()) for v in text.split(",") if v.strip()]
 
 
-def _settings(items: list[str]) -> dict:
-    """``["basis.every=500", "decompose.batch_size=16"]`` as nested config sections."""
-    import tomllib
-
-    out: dict = {}
-    for item in items:
-        key, sep, text = item.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"--set {item!r}: write SECTION.KEY=VALUE, e.g. basis.every=500")
-        try:
-            value = tomllib.loads(f"v = {text}")["v"]
-        except tomllib.TOMLDecodeError:
-            value = text  # a bare word is a string
-        *sections, last = key.strip().split(".")
-        node = out
-        for section in sections:
-            node = node.setdefault(section, {})
-        node[last] = value
-    return out
-
-
 @app.command()
+@command
 def analyze(
     probe: Annotated[Path, typer.Option(help="probe file: .txt, .jsonl or .parquet (see "
                                              "docs/own-run.md)")],
@@ -203,6 +342,9 @@ def analyze(
              "a hub cache models--org--name, or a series manifest .json")] = None,
     revisions: Annotated[str | None, typer.Option(help="hub cache refs, comma-separated "
                                                        "(default: every step* ref)")] = None,
+    tokens_per_step: Annotated[int | None, typer.Option(
+        help="training tokens per step of an --hf series: results get a tokens-seen axis "
+             "(default: Pythia's 1024 x 2048 for EleutherAI/pythia-* hub caches)")] = None,
     checkpoints: Annotated[str | None, typer.Option(
         help="state-dict files of any PyTorch model (.safetensors or weights-only .pt): a "
              "glob or a folder; needs --factory")] = None,
@@ -217,6 +359,9 @@ def analyze(
     tokenizer: Annotated[Path | None, typer.Option(help="tokenizer.json (default: the HF "
                                                         "checkpoint's)")] = None,
     context_length: Annotated[int | None, typer.Option(help="tokens kept per probe example")] = None,
+    truncate: Annotated[bool, typer.Option(
+        help="cut probe examples longer than the context (the dropped scored tokens are "
+             "counted and reported) instead of stopping")] = False,
     max_tokens: Annotated[int | None, typer.Option(help="scored probe tokens at most")] = None,
     basis_sample: Annotated[Path | None, typer.Option(
         help="training sequences for the Hessian (probe formats; default: the probe set)")] = None,
@@ -224,46 +369,59 @@ def analyze(
                                             "shuffled-hessian, trajectory-pca")] = "hessian",
     include: Annotated[str | None, typer.Option(help="parameter globs forming θ, "
                                                      "comma-separated (default: all)")] = None,
+    label: Annotated[list[str], typer.Option(
+        help="a binary label column of the probe to score with homogeneity, recall and F1, "
+             "COLUMN or COLUMN=POSITIVE (repeatable); every other two-valued label is scored "
+             "too")] = [],  # noqa: B006 - typer needs a literal default
+    group: Annotated[str | None, typer.Option(
+        help="grouping column for --label (the paper's: place)")] = None,
     name: Annotated[str | None, typer.Option(help="run name (default: the checkpoint "
                                                   "folder's)")] = None,
     runs: RunsDir = Path("runs"),
-    device: Annotated[str | None, typer.Option(help="cpu, cuda, …")] = None,
-    settings: Annotated[list[str], typer.Option(
-        "--set", help="any config value, SECTION.KEY=VALUE (repeatable), e.g. basis.every=500")
-    ] = [],  # noqa: B006 - typer needs a literal default
+    device: Device = None,
+    dtype: Dtype = None,
+    executor: ExecutorKind = None,
+    address: Address = None,
+    settings: Settings = [],  # noqa: B006 - typer needs a literal default
     quiet: Quiet = False,
 ) -> None:
     """Analyse a run trained elsewhere: trajectories, basis, decomposition, clustering,
     evaluation and the report into RUNS/NAME. Nothing is written if the checkpoints or the probe
     file cannot be used."""
-    from polca.api import Run
+    from polca.api import ANALYSIS_STAGES, Run
 
-    try:
-        if (hf is None) == (checkpoints is None):
-            raise ConfigError("give exactly one of --hf (Hugging Face checkpoints) or "
-                              "--checkpoints (state-dict files, with --factory)")
-        config = _settings(settings)
-        config.setdefault("basis", {}).setdefault("kinds", _csv(basis))
-        common = {"name": name, "runs": runs, "steps": _csv(steps, int), "tokenizer": tokenizer,
-                  "config": config, "device": device, "context_length": context_length,
-                  "max_tokens": max_tokens, "basis_sample": basis_sample,
-                  "include": _csv(include)}
-        if hf is not None:
-            if factory or loss_fn:
-                raise ConfigError("--factory and --loss-fn apply to --checkpoints; a Hugging "
-                                  "Face series builds its model from config.json")
-            opened = Run.from_hf(hf, probe, revisions=_csv(revisions), **common)
-        else:
-            if factory is None:
-                raise ConfigError('--checkpoints needs --factory "module:function" that builds '
-                                  "the model the state dicts belong to")
-            opened = Run.from_module(factory, checkpoints, probe, loss_fn, **common)
-        typer.secho(f"{opened.root}: {len(opened.ctx.checkpoints.steps)} checkpoints, "
-                    f"{opened.ctx.probe.n_tokens} probe tokens, d = {opened.ctx.loss.space.dim}",
-                    err=True)
-        _execute(opened.ctx, ANALYSIS_STAGES, quiet)
-    except ERRORS as err:
-        raise _fail(err) from None
+    if (hf is None) == (checkpoints is None):
+        raise ConfigError("give exactly one of --hf (Hugging Face checkpoints) or "
+                          "--checkpoints (state-dict files, with --factory)")
+    config = _overrides(settings, _compute(device, dtype, executor, address))
+    config.setdefault("basis", {}).setdefault("kinds", _csv(basis))
+    if label:
+        config.setdefault("evaluate", {})["labels"] = [_label(item, group) for item in label]
+    elif group is not None:
+        raise ConfigError("--group groups the positives of a --label; name the label too")
+    common = {"name": name, "runs": runs, "steps": _csv(steps, int), "tokenizer": tokenizer,
+              "config": config, "device": device, "context_length": context_length,
+              "max_tokens": max_tokens, "basis_sample": basis_sample,
+              "include": _csv(include), "truncate": truncate}
+    if hf is not None:
+        if factory or loss_fn:
+            raise ConfigError("--factory and --loss-fn apply to --checkpoints; a Hugging "
+                              "Face series builds its model from config.json")
+        opened = Run.from_hf(hf, probe, revisions=_csv(revisions),
+                             tokens_per_step=tokens_per_step, **common)
+    else:
+        if factory is None:
+            raise ConfigError('--checkpoints needs --factory "module:function" that builds '
+                              "the model the state dicts belong to")
+        if tokens_per_step is not None:
+            raise ConfigError("--tokens-per-step describes an --hf series")
+        opened = Run.from_module(factory, checkpoints, probe, loss_fn, **common)
+    ctx = opened.ctx
+    dropped = getattr(ctx.task, "truncated_tokens", 0)
+    cut = f" ({dropped} scored tokens beyond the context dropped)" if dropped else ""
+    typer.secho(f"{ctx.run.root}: {len(ctx.checkpoints.steps)} checkpoints, "
+                f"{ctx.probe.n_tokens} probe tokens{cut}, d = {ctx.loss.space.dim}", err=True)
+    _execute(ctx, ANALYSIS_STAGES, quiet)
 
 
 if __name__ == "__main__":

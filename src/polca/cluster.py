@@ -270,8 +270,12 @@ def cluster_breaks(labels: np.ndarray, breaks: np.ndarray, tau: float) -> pd.Dat
     ids = np.unique(labels[labels >= 0])
     sizes = [int((labels == c).sum()) for c in ids]
     means = [float(breaks[labels == c].mean()) for c in ids]
-    return pd.DataFrame({"cluster": ids.astype(np.int64), "size": sizes, "break_step": means,
-                         "hidden": [m > tau for m in means]})
+    # explicit dtypes: an empty table would default to float, and concatenated with the
+    # tables of other vectors turn ``hidden`` into 0.0/1.0
+    return pd.DataFrame({"cluster": ids.astype(np.int64),
+                         "size": np.asarray(sizes, dtype=np.int64),
+                         "break_step": np.asarray(means, dtype=np.float64),
+                         "hidden": np.asarray([m > tau for m in means], dtype=bool)})
 
 
 def _interpolate(f: np.ndarray, s: np.ndarray, query: np.ndarray) -> np.ndarray:

@@ -335,57 +335,95 @@ def orthonormalise_against(basis: torch.Tensor, new: torch.Tensor) -> torch.Tens
     return torch.stack(rows)
 
 
+@dataclass(frozen=True)
+class Algorithm1Options:
+    """The options of the paper's Algorithm 1 (METHOD §3), in one place.
+
+    Args:
+        per_checkpoint: eigenvectors taken at each basis checkpoint (the paper's k = 1).
+        max_vectors: cap on the basis size m (None: per_checkpoint × checkpoints).
+        tol: relative eigen-residual tolerance of the solver (see :func:`top_eigenpairs`).
+        solver: ``"eigsh"`` (SciPy ARPACK) or ``"lanczos"`` (torch Lanczos).
+        batch_size: sample sequences per Hessian-vector-product chunk.
+        dtype: arithmetic of the Hessian-vector products (``"float64"`` or ``"float32"``).
+        seed: Krylov start vectors (checkpoint ``index`` uses ``seed + index``) and the
+            permutation of the shuffled-checkpoint variant.
+
+    >>> Algorithm1Options(per_checkpoint=2, tol=1e-6).solver
+    'eigsh'
+    """
+
+    per_checkpoint: int = 1
+    max_vectors: int | None = None
+    tol: float = 1e-3
+    solver: str = "eigsh"
+    batch_size: int = 256
+    dtype: str = "float64"
+    seed: int = 0
+
+
 def hessian_basis(
     loss: TokenLoss,
     checkpoints: Iterable[BasisCheckpoint | tuple[int, int, torch.Tensor]],
     sample: ProbeBatch,
-    k: int = 1,
-    tol: float = 1e-3,
-    solver: str = "eigsh",
-    max_vectors: int | None = None,
-    batch_size: int = 256,
-    dtype: torch.dtype | str = torch.float64,
-    seed: int = 0,
+    options: Algorithm1Options = Algorithm1Options(),
     vectors: torch.Tensor | None = None,
     provenance: Sequence[dict] | None = None,
     on_checkpoint: Callable[[torch.Tensor, list[dict]], None] | None = None,
+    make_operator: Callable[[torch.Tensor], object] | None = None,
 ) -> tuple[torch.Tensor, list[dict]]:
-    """Algorithm 1: top-``k`` eigenvectors of ``P H_t P`` at each basis checkpoint, in order.
+    """Algorithm 1: top-k eigenvectors of ``P H_t P`` at each basis checkpoint, in order.
 
     For each checkpoint ``t`` (``(index, step, theta)``, theta ``[d]`` or a function returning
-    it): P = I − BᵀB for the vectors B found so
-    far, the top-``k`` eigenpairs of P H_t P (H_t: Hessian of the mean token loss over
-    ``sample``), re-orthogonalised against B and appended. Resume by passing the ``vectors`` and
+    it): P = I − BᵀB for the vectors B found so far, the top-``options.per_checkpoint``
+    eigenpairs of P H_t P (H_t: Hessian of the mean token loss over ``sample``),
+    re-orthogonalised against B and appended. Resume by passing the ``vectors`` and
     ``provenance`` found so far together with the checkpoints not yet processed;
     ``on_checkpoint(vectors, provenance)`` is called after every checkpoint (to save progress).
+    ``make_operator(theta)`` builds the Hessian at a checkpoint (default: a
+    :class:`HessianOperator` over ``sample``; :class:`polca.parallel.ShardedHessian` sums
+    sample shards held by an executor).
 
     Returns:
         ``vectors [m, d]`` (orthonormal rows) and one provenance dict per vector: ``index``,
         ``checkpoint``, ``step``, ``eigenvalue``, ``eigenvalue_source`` ("lanczos"),
         ``residual``, ``hvps`` (HVPs spent at its checkpoint, shared by its k vectors).
 
-    Example:
-        >>> basis, info = hessian_basis(loss, [(0, 0, theta0), (1, 100, theta1)], sample, k=1)
-        ... # doctest: +SKIP
+    Example (ℓ(θ) = ½ Σ aᵢθᵢ², so H = diag(a) at every θ):
+        >>> from polca.functional import ParameterSpace
+        >>> class Quadratic:
+        ...     space = ParameterSpace({"w": (3,)})
+        ...     def __call__(self, theta, batch):
+        ...         a = torch.tensor([3.0, 1.0, 2.0], dtype=theta.dtype)
+        ...         return (0.5 * a * theta**2).sum().expand(batch.n_tokens)
+        >>> ids = torch.zeros(1, 1, dtype=torch.long)
+        >>> sample = ProbeBatch(ids, ids, torch.ones(1, 1, dtype=torch.bool))
+        >>> theta = torch.ones(3, dtype=torch.float64)
+        >>> vectors, info = hessian_basis(Quadratic(), [(0, 0, theta), (1, 100, theta)], sample,
+        ...                               Algorithm1Options(tol=1e-10, solver="lanczos"))
+        >>> vectors.abs().argmax(dim=1).tolist(), [round(e["eigenvalue"], 6) for e in info]
+        ([0, 2], [3.0, 2.0])
     """
     provenance = [dict(p) for p in provenance or []]
     found = vectors if vectors is not None else None
     if found is not None and len(found) != len(provenance):
         raise ValueError(f"resuming with {len(found)} vectors but {len(provenance)} provenance "
                          "entries; pass both from the same partial basis")
+    k, cap = options.per_checkpoint, options.max_vectors
     for checkpoint in checkpoints:
         index, step, theta = (checkpoint.index, checkpoint.step, checkpoint.theta) if isinstance(
             checkpoint, BasisCheckpoint) else checkpoint
         have = 0 if found is None else len(found)
-        wanted = k if max_vectors is None else min(k, max_vectors - have)
+        wanted = k if cap is None else min(k, cap - have)
         if wanted <= 0:
             break
         theta = theta() if callable(theta) else theta
         if found is None:
             found = torch.zeros(0, theta.numel(), dtype=torch.float64)
-        hessian = HessianOperator(loss, theta, sample, batch_size=batch_size, dtype=dtype)
-        values, new, residuals = top_eigenpairs(hessian, wanted, found, tol=tol, solver=solver,
-                                                seed=seed + index)
+        hessian = make_operator(theta) if make_operator is not None else HessianOperator(
+            loss, theta, sample, batch_size=options.batch_size, dtype=options.dtype)
+        values, new, residuals = top_eigenpairs(hessian, wanted, found, tol=options.tol,
+                                                solver=options.solver, seed=options.seed + index)
         new = orthonormalise_against(found, new.double())
         for value, residual in zip(values.tolist(), residuals.tolist()):
             provenance.append({
@@ -402,6 +440,6 @@ def hessian_basis(
 
 
 __all__ = [
-    "BasisCheckpoint", "HessianOperator", "ProjectedOperator", "hessian_basis",
+    "Algorithm1Options", "BasisCheckpoint", "HessianOperator", "ProjectedOperator", "hessian_basis",
     "orthonormalise_against", "rayleigh_quotients", "top_eigenpairs",
 ]

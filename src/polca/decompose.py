@@ -1,4 +1,4 @@
-"""POLCA: projection-oriented loss change allocation (METHOD.md §4), as pure tensor functions.
+"""POLCA: projection-oriented loss change allocation (METHOD §4), as pure tensor functions.
 
 For one interval t → t+1 with Δθ_t = θ_{t+1} − θ_t and a basis ``vectors [m, d]``:
 
@@ -9,6 +9,12 @@ For one interval t → t+1 with Δθ_t = θ_{t+1} − θ_t and a basis ``vectors
 * ``integrated``: Simpson's rule of ∫₀¹ g_x(θ_t + sΔθ_t) ds · δ (:func:`integrated`);
 * Fisher g² (:func:`fisher`); LCA baselines (:func:`top_parameters`, :func:`lca_per_tensor`).
 
+The pure kernel :func:`interval_terms` computes all of them for one interval in memory
+(and :func:`lca_interval_terms` the LCA baselines); :func:`block_terms` and
+:func:`lca_block_terms` do the same for consecutive intervals, computing the derivatives at a
+shared checkpoint once. The decompose stage maps them over blocks of intervals with an
+executor (:mod:`polca.parallel`) and writes the results.
+
 Diagnostics (residual, explained fraction, first- vs second-order agreement, paper-vs-exact
 RMSE) are accumulated interval by interval in :class:`DecompositionDiagnostics`, and
 :func:`polca.cluster.cumulate` cumulates interval terms into the clustered trajectories.
@@ -18,15 +24,19 @@ Example:
     >>> delta = torch.tensor([0.5], dtype=torch.float64)
     >>> first_order(grad, delta)
     tensor([[ 0.5000, -1.0000]], dtype=torch.float64)
-    >>> projected_trajectory(first_order(grad, delta)[:, None]).shape   # [m, checkpoints, tokens]
-    torch.Size([1, 2, 2])
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
 
 import torch
+
+from polca.bases import Basis
+from polca.directional import directional_derivatives, mean_loss_gradient
+from polca.functional import ProbeBatch, TokenLoss
+from polca.precision import arithmetic, model_dtype
 
 
 def interval_deltas(theta_start: torch.Tensor, theta_end: torch.Tensor,
@@ -131,25 +141,220 @@ def lca_per_tensor(
     return torch.stack([per_parameter[s].sum() for s in slices.values()])
 
 
+@dataclass(frozen=True)
+class TermOptions:
+    """What :func:`interval_terms` computes, and how.
+
+    Args:
+        curvature: the second-order estimators: ``"exact"`` (κ = bᵀ∇²ℓ_x b) and/or
+            ``"paper"`` (the paper's κ̃).
+        integrated: also the Simpson path integral with ``simpson_points`` nodes.
+        fisher: also the projected empirical Fisher g².
+        denominator_tol: κ̃ is 0 where |ḡ(t+1) − ḡ(t)| ≤ this.
+        engine, batch_size: how directional derivatives are computed
+            (:func:`polca.directional.directional_derivatives`); results do not depend on them.
+        dtype: the model's arithmetic (:mod:`polca.precision`: ``"float64"``, ``"float32"``,
+            ``"tf32"``, ``"bfloat16"``); δ and the terms are float64 either way.
+    """
+
+    curvature: tuple[str, ...] = ("exact", "paper")
+    integrated: bool = True
+    simpson_points: int = 3
+    fisher: bool = True
+    denominator_tol: float = 1e-12
+    engine: str = "auto"
+    batch_size: int = 512
+    dtype: str = "float64"
+
+    @property
+    def terms(self) -> tuple[str, ...]:
+        """The ``[vector, interval, token]`` terms computed, in the contract's names."""
+        return (("first",) + tuple(f"second_{c}" for c in self.curvature)
+                + ("integrated",) * self.integrated + ("fisher",) * self.fisher)
+
+
+@dataclass
+class IntervalTerms:
+    """Every estimator's terms for one interval t → t+1, as float64 tensors.
+
+    ``delta [m]``, ``grad``/``grad_next [m, tokens]`` (g_x at θ_t and θ_{t+1}), the terms
+    ``first``, ``second_exact``, ``second_paper``, ``integrated``, ``fisher`` ``[m, tokens]``
+    (None when not asked for) and ``paper_small [m]`` (bool: κ̃ set to 0)."""
+
+    delta: torch.Tensor
+    grad: torch.Tensor
+    grad_next: torch.Tensor
+    first: torch.Tensor
+    second_exact: torch.Tensor | None = None
+    second_paper: torch.Tensor | None = None
+    paper_small: torch.Tensor | None = None
+    integrated: torch.Tensor | None = None
+    fisher: torch.Tensor | None = None
+
+    def arrays(self) -> dict[str, torch.Tensor]:
+        """The computed terms by the contract's array names (``grad`` is g_x at θ_t)."""
+        names = ("delta", "grad", "first", "second_exact", "second_paper", "paper_small",
+                 "integrated", "fisher")
+        return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
+
+
+def eigenvalues(basis: Basis) -> torch.Tensor:
+    """``[m]`` the eigenvalue λ_b recorded with each basis vector (for κ̃)."""
+    values = [entry.get("eigenvalue") for entry in basis.provenance]
+    missing = [i for i, v in enumerate(values) if v is None]
+    if missing:
+        raise ValueError(
+            f"basis {basis.name!r} has no eigenvalue for vectors {missing[:5]}; the paper "
+            "curvature needs one per vector. Rebuild the basis with `polca basis` (it adds "
+            "Rayleigh quotients), or set decompose.curvature = ['exact']")
+    return torch.tensor(values, dtype=torch.float64)
+
+
+def _checkpoint_derivatives(loss: TokenLoss, theta: torch.Tensor, tangents: torch.Tensor,
+                            probe: ProbeBatch, order: int, options: TermOptions):
+    """``(grad, curvature)`` ``[m, tokens]`` float64 along ``tangents`` at ``theta`` (float64
+    ``[d]``, cast to the model's arithmetic); curvature None for ``order`` 1."""
+    grad, curvature = directional_derivatives(
+        loss, theta.to(model_dtype(options.dtype)), tangents, probe, order=order,
+        engine=options.engine, batch_size=options.batch_size)
+    return grad.to(torch.float64), None if curvature is None else curvature.to(torch.float64)
+
+
+def block_terms(loss: TokenLoss, thetas: Iterable[torch.Tensor], basis: Basis, probe: ProbeBatch,
+                options: TermOptions = TermOptions()) -> Iterator[IntervalTerms]:
+    """:class:`IntervalTerms` of the consecutive intervals θ₀ → θ₁ → … → θ_B, one at a time.
+
+    ``thetas`` yields the checkpoints ``[d]`` in order (a generator that loads them streams the
+    block: at most two checkpoints are held). The derivatives at a checkpoint shared by two
+    intervals (the end of one, the start of the next) are computed once, and every checkpoint
+    gets the same derivatives whichever block it falls in (order 2 everywhere when the exact
+    curvature is asked for), so the results do not depend on how intervals are grouped into
+    blocks: B intervals cost B + 1 checkpoint passes (plus the Simpson nodes inside each).
+    """
+    order = 2 if "exact" in options.curvature else 1
+    with arithmetic(options.dtype):
+        previous = None
+        for theta in thetas:
+            theta = theta.to(torch.float64)
+            if previous is None:
+                vectors64 = basis.vectors.to(device=theta.device, dtype=torch.float64)
+                tangents = vectors64.to(model_dtype(options.dtype))  # the model's arithmetic
+            here = _checkpoint_derivatives(loss, theta, tangents, probe, order, options)
+            if previous is not None:
+                yield _assemble(loss, previous, (theta, *here), vectors64, tangents, basis,
+                                probe, options)
+            previous = (theta, *here)
+
+
+def _assemble(loss, start, end, vectors64, tangents, basis, probe, options) -> IntervalTerms:
+    """One interval's terms from the derivatives at its two ends ``(theta, grad, curvature)``."""
+    (theta, grad, curvature), (theta_next, grad_next, _) = start, end
+    delta = interval_deltas(theta, theta_next, vectors64)
+    terms = IntervalTerms(delta=delta, grad=grad, grad_next=grad_next,
+                          first=first_order(grad, delta))
+    if "exact" in options.curvature:
+        terms.second_exact = second_order(curvature, delta)
+    if "paper" in options.curvature:
+        kappa, terms.paper_small = paper_curvature(grad, grad_next, eigenvalues(basis).to(grad),
+                                                   options.denominator_tol)
+        terms.second_paper = second_order(kappa, delta)
+    if options.fisher:
+        terms.fisher = fisher(grad)
+    if options.integrated:
+        nodes, _ = simpson_nodes(options.simpson_points)
+        step = theta_next - theta
+        inner = [_checkpoint_derivatives(loss, theta + float(s) * step, tangents, probe, 1,
+                                         options)[0] for s in nodes[1:-1]]
+        terms.integrated = integrated(torch.stack([grad, *inner, grad_next]), delta)
+    return terms
+
+
+def interval_terms(loss: TokenLoss, theta_t: torch.Tensor, theta_t1: torch.Tensor, basis: Basis,
+                   probe: ProbeBatch, options: TermOptions = TermOptions()) -> IntervalTerms:
+    """POLCA and its baselines for one interval, in memory: a pure function of its arguments
+    (:func:`block_terms` of the two checkpoints; a block of consecutive intervals shares the
+    derivatives at its inner checkpoints and gives the same values).
+
+    ``theta_t, theta_t1 [d]`` are the checkpoints (float64 for the projections), ``basis`` the
+    vectors ``[m, d]`` with their eigenvalues, ``probe`` the scored tokens.
+
+    Example (one token, ℓ(θ) = ½‖θ‖², along b = e₁: g = θ₁, κ = 1):
+        >>> from polca.functional import ParameterSpace
+        >>> class Half:
+        ...     space = ParameterSpace({"w": (2,)})
+        ...     def __call__(self, theta, batch):
+        ...         return (0.5 * theta @ theta).expand(batch.n_tokens)
+        >>> ids = torch.zeros(1, 1, dtype=torch.long)
+        >>> probe = ProbeBatch(ids, ids, torch.ones(1, 1, dtype=torch.bool))
+        >>> basis = Basis("e1", "user", torch.eye(2)[:1], [{"eigenvalue": 1.0}])
+        >>> terms = interval_terms(Half(), torch.tensor([1.0, 0.0]), torch.tensor([3.0, 0.0]),
+        ...                        basis, probe)
+        >>> terms.delta.item(), terms.first.item(), terms.second_exact.item()   # 1·2, ½·1·2²
+        (2.0, 2.0, 2.0)
+        >>> terms.integrated.item()                        # ΔL = ½·9 − ½·1, exact for a quadratic
+        4.0
+    """
+    return next(block_terms(loss, (theta_t, theta_t1), basis, probe, options))
+
+
+def lca_block_terms(loss: TokenLoss, thetas: Iterable[torch.Tensor], top: torch.Tensor,
+                    probe: ProbeBatch, options: TermOptions = TermOptions()
+                    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """:func:`lca_interval_terms` of consecutive intervals, one at a time; the aggregate
+    gradient at a checkpoint shared by two intervals is computed once (the Simpson end nodes
+    are the checkpoints themselves)."""
+    dtype = model_dtype(options.dtype)
+
+    def aggregate(point: torch.Tensor) -> torch.Tensor:
+        return mean_loss_gradient(loss, point.to(dtype), probe,
+                                  options.batch_size).to(torch.float64)
+
+    nodes, _ = simpson_nodes(options.simpson_points)
+    with arithmetic(options.dtype):
+        previous = None
+        for theta in thetas:
+            theta = theta.to(torch.float64)
+            here = (theta, aggregate(theta))
+            if previous is not None:
+                (start, start_grad), (end, end_grad) = previous, here
+                step = end - start
+                tangents = top.to(start.device)
+                grad, _ = directional_derivatives(loss, start.to(dtype), tangents, probe,
+                                                  order=1, engine=options.engine,
+                                                  batch_size=options.batch_size)
+                allocation = first_order(grad.to(torch.float64), step[tangents])
+                path = torch.stack([start_grad, *(aggregate(start + float(s) * step)
+                                                  for s in nodes[1:-1]), end_grad])
+                yield allocation, lca_per_tensor(path, step, loss.space.slices)
+            previous = here
+
+
+def lca_interval_terms(loss: TokenLoss, theta_t: torch.Tensor, theta_t1: torch.Tensor,
+                       top: torch.Tensor, probe: ProbeBatch,
+                       options: TermOptions = TermOptions()) -> tuple[torch.Tensor, torch.Tensor]:
+    """The LCA baselines for one interval: ``([k, tokens]`` token-level allocation along the
+    parameters ``top [k]`` (first order, as :func:`first_order` on unit vectors), ``[tensors]``
+    aggregate LCA per parameter tensor (:func:`lca_per_tensor`, Simpson's rule with
+    ``options.simpson_points`` nodes)``)``, float64.
+
+    >>> from polca.functional import ParameterSpace
+    >>> class Half:
+    ...     space = ParameterSpace({"a": (1,), "b": (1,)})
+    ...     def __call__(self, theta, batch):
+    ...         return (0.5 * theta @ theta).expand(batch.n_tokens)
+    >>> ids = torch.zeros(1, 1, dtype=torch.long)
+    >>> probe = ProbeBatch(ids, ids, torch.ones(1, 1, dtype=torch.bool))
+    >>> first, tensors = lca_interval_terms(Half(), torch.tensor([1.0, 1.0]),
+    ...                                     torch.tensor([3.0, 2.0]), torch.tensor([0]), probe)
+    >>> first.tolist(), tensors.round(decimals=12).tolist()   # g·Δθ₀ = 1·2; ½(θ₁² − θ₀²) each
+    ([[2.0]], [4.0, 1.5])
+    """
+    return next(lca_block_terms(loss, (theta_t, theta_t1), top, probe, options))
+
+
 def residual(delta_loss: torch.Tensor, terms: torch.Tensor) -> torch.Tensor:
     """``[tokens]`` R = ΔL − Σ_b terms[b] for ``delta_loss [tokens]``, ``terms [m, tokens]``."""
     return delta_loss - terms.sum(dim=0)
-
-
-def order_agreement(first: torch.Tensor, full: torch.Tensor) -> tuple[float, float]:
-    """Cosine similarity and relative L2 difference ‖first − full‖ / ‖full‖ of two POLCA
-    tensors of any equal shape (paper, Appendix F)."""
-    a, b = first.reshape(-1).to(torch.float64), full.reshape(-1).to(torch.float64)
-    norms = float(a.norm() * b.norm())
-    cosine = float(a @ b) / norms if norms > 0 else float("nan")
-    full_norm = float(b.norm())
-    relative = float((a - b).norm()) / full_norm if full_norm > 0 else float("nan")
-    return cosine, relative
-
-
-def rmse(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Root mean squared difference of two equally shaped tensors."""
-    return float(((a.to(torch.float64) - b.to(torch.float64)) ** 2).mean().sqrt())
 
 
 class DecompositionDiagnostics:
@@ -158,7 +363,8 @@ class DecompositionDiagnostics:
     Call :meth:`update` per interval with ``delta_loss [tokens]``, ``delta [m]`` and the
     ``[m, tokens]`` term tensors that exist; :meth:`summary` returns a JSON-ready dict with,
     per estimator, the mean |residual| and the fraction of |ΔL| explained
-    (1 − Σ|R| / Σ|ΔL|), the first- vs full-order agreement, the paper-vs-exact RMSE of the
+    (1 − Σ|R| / Σ|ΔL|), over the run and per interval (None where ΔL = 0), the first- vs
+    full-order agreement, the paper-vs-exact RMSE of the
     second-order terms, the count of small paper denominators, and the intervals where the
     checkpoints are identical (δ = 0 for every vector).
 
@@ -172,6 +378,7 @@ class DecompositionDiagnostics:
     def __init__(self, n_vectors: int):
         self.n_vectors = n_vectors
         self.sums: dict[str, dict[str, float]] = {}
+        self.per_interval: dict[str, list[float | None]] = {}
         self.agreement = {"dot": 0.0, "first_sq": 0.0, "full_sq": 0.0, "diff_sq": 0.0}
         self.paper_error = {"sum_sq": 0.0, "count": 0}
         self.small_denominators = 0
@@ -184,7 +391,8 @@ class DecompositionDiagnostics:
                second_paper: torch.Tensor | None = None, integrated: torch.Tensor | None = None,
                small_denominators: torch.Tensor | None = None) -> None:
         self.n_intervals += 1
-        self.abs_delta_loss += float(delta_loss.abs().sum())
+        total = float(delta_loss.abs().sum())
+        self.abs_delta_loss += total
         if bool((delta == 0).all()):
             self.zero_step_intervals.append(int(interval))
         estimators = {"first_order": first}
@@ -199,6 +407,8 @@ class DecompositionDiagnostics:
             entry = self.sums.setdefault(name, {"abs_residual": 0.0, "sq_residual": 0.0})
             entry["abs_residual"] += float(r.abs().sum())
             entry["sq_residual"] += float((r * r).sum())
+            self.per_interval.setdefault(name, []).append(
+                1.0 - float(r.abs().sum()) / total if total > 0 else None)
         if second_exact is not None:
             full = first + second_exact
             self.agreement["dot"] += float((first * full).sum())
@@ -231,6 +441,7 @@ class DecompositionDiagnostics:
             "n_intervals": self.n_intervals,
             "sum_abs_delta_loss": self.abs_delta_loss,
             "estimators": estimators,
+            "explained_per_interval": self.per_interval,
             "first_vs_second_order": agreement,
             "rmse_paper_vs_exact_second_order": (
                 (self.paper_error["sum_sq"] / count) ** 0.5 if count else None),

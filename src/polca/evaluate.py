@@ -3,19 +3,26 @@
 Only tokens with a cluster label ``>= 0`` count ("clustered tokens"): HDBSCAN noise (-1) and
 tokens removed by the POLCA filters (-2, -3) are excluded everywhere here.
 
-The paper's carry metric (its Appendix G), for addition token tables with columns ``carry``
-(bool: a carry enters this place) and ``place`` (1000, 100, 10, 1):
+Any binary label of the probe tokens (``positive``: has the skill) gets the paper's statistics
+(its Appendix G), optionally with a grouping column (``group``) and the groups whose positives
+are the skill (``skill_groups``):
 
-* homogeneity of a cluster = carry tokens in it / its size (carries of any place);
-* a cluster is *eligible* when more than 85 % of its carry tokens sit in the tens or hundreds
-  place ("skill carries"); a carry into the thousands place only means predicting 1;
-* recall = skill carries in the cluster / skill carries among the clustered tokens of the same
-  clustering (for POLCA: the same vector, after its filters; noise excluded). Thousands-place
-  carries are left out of both because an eligible cluster holds few of them by construction;
+* homogeneity of a cluster = positive tokens in it / its size (positives of any group);
+* a *skill positive* is a positive token whose group is in ``skill_groups`` (every positive
+  when there is no group or no ``skill_groups``);
+* a cluster is *eligible* when more than ``concentration`` (85 %) of its positives are skill
+  positives, so a cluster of positives in the other groups does not count as the skill;
+* recall = skill positives in the cluster / skill positives among the clustered tokens of the
+  same clustering (for POLCA: the same vector, after its filters; noise excluded);
 * F1 = harmonic mean of homogeneity and recall (the paper's F1 values are exactly that of its
   homogeneity and recall);
 * per basis vector the score is its most homogeneous eligible cluster; the table reports the
   three best vectors. For the exact kinds (one clustering) it reports the three best clusters.
+
+The paper's carry table is the case ``positive = carry`` (a carry enters this place),
+``group = place`` (1000, 100, 10, 1), ``skill_groups = (10, 100)``: a carry into the thousands
+place only means predicting 1, so those carries are left out of recall and make a cluster of
+them ineligible. Tokens whose label is missing (None/NaN) are left out like noise.
 
 Example:
     >>> labels = np.array([0, 0, 0, 1, 1, -1])
@@ -24,8 +31,6 @@ Example:
 """
 
 from __future__ import annotations
-
-import math
 
 import numpy as np
 import pandas as pd
@@ -105,41 +110,104 @@ def label_scores(labels: np.ndarray, values: np.ndarray) -> dict:
     }
 
 
-def carry_clusters(labels: np.ndarray, carry: np.ndarray, place: np.ndarray,
-                   skill_places=SKILL_PLACES, concentration: float = CONCENTRATION
-                   ) -> pd.DataFrame:
-    """The paper's carry statistics per cluster (labels ≥ 0), see the module docstring.
+def binary_label(values, positive=None) -> np.ndarray:
+    """``[tokens]`` float array of a label column: 1.0 where the value is ``positive``, 0.0
+    for any other value, NaN where the label is missing.
 
-    Columns cluster, size, n_carry, homogeneity, skill_share (share of the cluster's carries
-    in ``skill_places``; NaN without carries), eligible (skill_share > concentration),
-    recall, f1.
+    ``positive`` defaults to True for booleans and 1 for 0/1 labels; a label with other values
+    needs it named (then every other value is the negative class, e.g. ``role = copy`` against
+    ``first`` and ``sep``). Without it, a label with more than two values raises ValueError.
+
+    >>> binary_label(np.array(["copy", "sep", None], dtype=object), positive="copy").tolist()
+    [1.0, 0.0, nan]
+    >>> binary_label(np.array(["copy", "sep", "first"], dtype=object), positive="copy").tolist()
+    [1.0, 0.0, 0.0]
     """
-    labels = np.asarray(labels)
-    carry, place = np.asarray(carry, dtype=bool), np.asarray(place)
-    if not labels.shape == carry.shape == place.shape:
-        raise ValueError(f"labels {labels.shape}, carry {carry.shape} and place {place.shape} "
-                         "must have one entry per token")
-    clustered = labels >= 0
-    skill = carry & np.isin(place, skill_places)
+    values = pd.Series(np.asarray(values, dtype=object))
+    known = values[values.notna()]
+    distinct = sorted(set(known.tolist()), key=str)
+    if positive is None:
+        if len(distinct) > 2:
+            raise ValueError(f"label with values {distinct[:5]} is not binary (two values); "
+                             "name the value that marks the skill")
+        if not set(distinct) <= {0, 1}:  # True == 1 and False == 0, so booleans pass too
+            raise ValueError(f"label with values {distinct} has no obvious positive value; name "
+                             "the value that marks the skill")
+        positive = 1
+    elif distinct and positive not in distinct:
+        raise ValueError(f"positive value {positive!r} does not occur in the label "
+                         f"(values {distinct[:10]})")
+    return np.where(values.isna(), np.nan, (values == positive).to_numpy(dtype=float))
+
+
+def default_positive(values):
+    """The positive value of a two-valued label when none is named: True / 1 for booleans and
+    0/1 labels, else the rarer value (ties: the first in sorted order). A rule fixed before
+    any clustering is scored: the rarer value is usually the skill (a carry, a copied token).
+
+    >>> default_positive(np.array(["copy", "copy", "sep"], dtype=object))
+    'sep'
+    >>> default_positive(np.array([0, 1, 1]))
+    1
+    """
+    known = pd.Series(np.asarray(values, dtype=object)).dropna()
+    distinct = sorted(set(known.tolist()), key=str)
+    if len(distinct) != 2:
+        raise ValueError(f"label with values {distinct[:5]} is not binary (two values)")
+    if set(distinct) <= {0, 1}:
+        return 1 if not all(isinstance(v, (bool, np.bool_)) for v in distinct) else True
+    counts = known.value_counts()
+    return min(distinct, key=lambda v: (counts[v], distinct.index(v)))
+
+
+def is_binary(values) -> bool:
+    """Whether a label column has exactly two distinct values (missing ones aside)."""
+    return pd.Series(np.asarray(values, dtype=object)).dropna().nunique() == 2
+
+
+def label_clusters(labels: np.ndarray, positive: np.ndarray, group: np.ndarray | None = None,
+                   skill_groups=None, concentration: float = CONCENTRATION) -> pd.DataFrame:
+    """The paper's statistics of a binary label per cluster (labels ≥ 0), see the module
+    docstring. ``positive [tokens]`` is bool, or float with NaN for a missing label
+    (:func:`binary_label`); ``group [tokens]`` and ``skill_groups`` are optional.
+
+    Columns cluster, size, n_positive, homogeneity, skill_share (share of the cluster's
+    positives that are skill positives; NaN without positives), eligible
+    (skill_share > concentration), recall, f1.
+
+    >>> label_clusters(np.array([0, 0, 1, -1]), np.array([1, 1, 0, 1], dtype=bool))[
+    ...     ["cluster", "homogeneity", "recall"]].values.tolist()
+    [[0.0, 1.0, 1.0], [1.0, 0.0, 0.0]]
+    """
+    labels, positive = np.asarray(labels), np.asarray(positive, dtype=float)
+    group = np.zeros(len(labels)) if group is None else np.asarray(group)
+    if not labels.shape == positive.shape == group.shape:
+        raise ValueError(f"labels {labels.shape}, label {positive.shape} and group "
+                         f"{group.shape} must have one entry per token")
+    clustered = (labels >= 0) & ~np.isnan(positive)
+    positive = positive == 1
+    skill = positive if skill_groups is None else positive & np.isin(group, list(skill_groups))
     n_skill = int((skill & clustered).sum())
     rows = []
     for c in np.unique(labels[clustered]):
-        member = labels == c
-        size, n_carry, n_skill_in = int(member.sum()), int((carry & member).sum()), int(
-            (skill & member).sum())
-        homogeneity = n_carry / size
-        share = n_skill_in / n_carry if n_carry else float("nan")
+        member = clustered & (labels == c)
+        size, n_positive = int(member.sum()), int((positive & member).sum())
+        n_skill_in = int((skill & member).sum())
+        homogeneity = n_positive / size
+        share = n_skill_in / n_positive if n_positive else float("nan")
         recall = n_skill_in / n_skill if n_skill else 0.0
         f1 = 2 * homogeneity * recall / (homogeneity + recall) if homogeneity + recall else 0.0
-        rows.append((int(c), size, n_carry, homogeneity, share,
-                     bool(n_carry and share > concentration), recall, f1))
-    return pd.DataFrame(rows, columns=["cluster", "size", "n_carry", "homogeneity",
+        rows.append((int(c), size, n_positive, homogeneity, share,
+                     bool(n_positive and share > concentration), recall, f1))
+    return pd.DataFrame(rows, columns=["cluster", "size", "n_positive", "homogeneity",
                                        "skill_share", "eligible", "recall", "f1"])
 
 
-def carry_table(labels_by_vector: dict, carry: np.ndarray, place: np.ndarray, top: int = 3,
+def label_table(labels_by_vector: dict, positive: np.ndarray, group: np.ndarray | None = None,
+                skill_groups=None, concentration: float = CONCENTRATION, top: int = 3,
                 per_vector: bool = True) -> pd.DataFrame:
-    """The paper's table rows: the ``top`` most homogeneous eligible clusters.
+    """The paper's table rows for a binary label: the ``top`` most homogeneous eligible
+    clusters (see :func:`label_clusters` for the label arguments).
 
     ``labels_by_vector`` maps a vector index (or None for an exact kind) to labels
     ``[tokens]``. With ``per_vector`` each vector contributes only its best eligible cluster
@@ -149,7 +217,7 @@ def carry_table(labels_by_vector: dict, carry: np.ndarray, place: np.ndarray, to
     """
     frames = []
     for vector, labels in labels_by_vector.items():
-        table = carry_clusters(labels, carry, place)
+        table = label_clusters(labels, positive, group, skill_groups, concentration)
         table = table[table["eligible"]]
         if per_vector and len(table):
             table = table.sort_values(["homogeneity", "recall", "cluster"],
@@ -166,22 +234,18 @@ def carry_table(labels_by_vector: dict, carry: np.ndarray, place: np.ndarray, to
     return best[columns]
 
 
-def format_table(frame: pd.DataFrame, title: str = "", digits: int = 3) -> str:
-    """Plain-text table (floats rounded to ``digits``) with an optional title line."""
-    if frame is None or not len(frame):
-        body = "(empty)"
-    else:
-        shown = frame.copy()
-        for column in shown.columns:
-            shown[column] = [_cell(v, digits) for v in shown[column]]
-        body = shown.to_string(index=False)
-    return f"{title}\n{body}\n" if title else f"{body}\n"
+def carry_clusters(labels: np.ndarray, carry: np.ndarray, place: np.ndarray) -> pd.DataFrame:
+    """The paper's carry statistics per cluster: :func:`label_clusters` of ``carry`` grouped by
+    ``place``, the tens and hundreds places being the skill."""
+    return label_clusters(labels, carry, place, skill_groups=SKILL_PLACES)
 
 
-def _cell(value, digits: int):
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "-"
-    return f"{value:.{digits}f}" if isinstance(value, float) else value
+def carry_table(labels_by_vector: dict, carry: np.ndarray, place: np.ndarray, top: int = 3,
+                per_vector: bool = True) -> pd.DataFrame:
+    """The paper's carry table: :func:`label_table` of ``carry`` grouped by ``place``, the
+    tens and hundreds places being the skill."""
+    return label_table(labels_by_vector, carry, place, skill_groups=SKILL_PLACES, top=top,
+                       per_vector=per_vector)
 
 
 def _clustered(labels, values) -> tuple[np.ndarray, np.ndarray]:

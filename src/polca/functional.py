@@ -23,7 +23,7 @@ from __future__ import annotations
 import fnmatch
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -62,6 +62,33 @@ class ProbeBatch:
 
     def to(self, device: torch.device | str) -> ProbeBatch:
         return ProbeBatch(*(t.to(device) for t in (self.input_ids, self.targets, self.scored)))
+
+    @classmethod
+    def from_tables(cls, sequences, tokens) -> ProbeBatch:
+        """The padded batch of probe tables: ``sequences`` (sequence, input_ids) and
+        ``tokens`` (sequence, position, target; rows ordered by sequence, then position).
+
+        >>> import pandas as pd
+        >>> sequences = pd.DataFrame({"sequence": [7], "input_ids": [[3, 1, 4]]})
+        >>> tokens = pd.DataFrame({"sequence": [7, 7], "position": [0, 1], "target": [1, 4]})
+        >>> ProbeBatch.from_tables(sequences, tokens).scored.tolist()
+        [[True, True, False]]
+        """
+        rows = {s: i for i, s in enumerate(sequences["sequence"].tolist())}
+        width = max(len(ids) for ids in sequences["input_ids"])
+        input_ids = torch.zeros(len(rows), width, dtype=torch.long)
+        for i, ids in enumerate(sequences["input_ids"]):
+            input_ids[i, : len(ids)] = torch.as_tensor([int(t) for t in ids], dtype=torch.long)
+        targets = torch.zeros_like(input_ids)
+        scored = torch.zeros_like(input_ids, dtype=torch.bool)
+        r = torch.as_tensor(tokens["sequence"].map(rows).to_numpy().astype("int64"))
+        p = torch.as_tensor(tokens["position"].to_numpy().astype("int64"))
+        order = r * width + p
+        if bool((order[1:] <= order[:-1]).any()):
+            raise ValueError("probe token rows must be ordered by sequence, then position")
+        targets[r, p] = torch.as_tensor(tokens["target"].to_numpy().astype("int64"))
+        scored[r, p] = True
+        return cls(input_ids, targets, scored)
 
     def split(self, batch_size: int) -> Iterator[ProbeBatch]:
         """Consecutive row chunks; their token losses concatenate to this batch's."""
@@ -117,12 +144,21 @@ class ParameterSpace:
         raise IndexError(index)
 
 
+@runtime_checkable
 class TokenLoss(Protocol):
-    """The seam: ``loss(theta [d], batch) -> [tokens]``, the loss of every scored token."""
+    """The seam, and all that stages may call on a model: ``loss(theta [d], batch) ->
+    [tokens]``, the loss of every scored token, and the argmax prediction at each scored
+    token. ``space`` maps parameter dicts to ``theta``. Parameters outside ``theta`` are fixed
+    by whoever builds the loss (a run source sets them from the first checkpoint)."""
 
     space: ParameterSpace
 
     def __call__(self, theta: torch.Tensor, batch: ProbeBatch) -> torch.Tensor: ...
+
+    def losses_and_predictions(self, theta: torch.Tensor, batch: ProbeBatch
+                               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``([tokens] losses, [tokens] argmax predicted token ids)`` in one forward pass."""
+        ...
 
 
 def next_token_losses(logits: torch.Tensor, batch: ProbeBatch) -> torch.Tensor:
@@ -165,6 +201,11 @@ class ModuleTokenLoss:
 
     def __call__(self, theta: torch.Tensor, batch: ProbeBatch) -> torch.Tensor:
         return self.loss_fn(self.logits(theta, batch.input_ids), batch)
+
+    def losses_and_predictions(self, theta: torch.Tensor, batch: ProbeBatch
+                               ) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self.logits(theta, batch.input_ids)
+        return self.loss_fn(logits, batch), logits[batch.scored].argmax(-1)
 
 
 @torch.no_grad()

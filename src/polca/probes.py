@@ -16,9 +16,15 @@ and optionally
 * per-example labels: any scalar field (string, number, bool); copied to each of its tokens.
 
 The result is the probe table pair of :meth:`polca.store.RunDir.write_probe`: ``sequences``
-(sequence, input_ids, text, example labels) and ``tokens``, one row per scored token in
-row-major order (token, sequence, position, target, text, context, labels). ``position`` is
-the position whose next-token prediction is scored: the scored token sits at ``position + 1``.
+(sequence, input_ids, text, example, truncated_tokens, example labels) and ``tokens``, one row
+per scored token in row-major order (token, sequence, position, target, text, context, labels).
+``position`` is the position whose next-token prediction is scored: the scored token sits at
+``position + 1``.
+
+An example longer than the model's context (``context_length``) is an error unless
+``truncate=True``; then it keeps its first ``context_length`` tokens and ``truncated_tokens``
+counts the scored tokens it lost (:func:`truncated_token_count` sums them). Files must be
+UTF-8; an undecodable byte is an error naming the file, line and byte offset.
 
 Example:
     >>> examples = [{"input_ids": [5, 6, 7, 8], "mask": [0, 0, 1, 1], "kind": "copy",
@@ -39,6 +45,8 @@ import numpy as np
 import pandas as pd
 
 RESERVED = ("text", "words", "input_ids", "mask")
+# columns probe_tables writes into the sequences table itself (an example field may not use them)
+SEQUENCE_FIELDS = ("sequence", "example", "truncated_tokens")
 SCALARS = (str, int, float, bool, np.integer, np.floating, np.bool_)
 
 
@@ -52,10 +60,10 @@ def read_examples(path: str | os.PathLike) -> list[dict]:
     if not path.is_file():
         raise ProbeFileError(f"probe file {path} does not exist")
     if path.suffix == ".txt":
-        return [{"text": line} for line in path.read_text().splitlines() if line.strip()]
+        return [{"text": line} for line in _utf8_text(path).splitlines() if line.strip()]
     if path.suffix in (".jsonl", ".ndjson"):
         examples = []
-        for number, line in enumerate(path.read_text().splitlines(), start=1):
+        for number, line in enumerate(_utf8_text(path).splitlines(), start=1):
             if not line.strip():
                 continue
             try:
@@ -73,6 +81,20 @@ def read_examples(path: str | os.PathLike) -> list[dict]:
         return [{k: _plain(v) for k, v in row.items()} for row in frame.to_dict("records")]
     raise ProbeFileError(f"{path}: unknown probe file type {path.suffix!r}; use .txt (one text "
                          "per line), .jsonl or .parquet")
+
+
+def _utf8_text(path: Path) -> str:
+    """The file's text; a byte sequence that is not UTF-8 is a :class:`ProbeFileError` naming
+    the line and byte offset."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        raise ProbeFileError(
+            f"{path}: not UTF-8 text at byte offset {err.start} (line {line}, byte "
+            f"{data[err.start:err.start + 1].hex()!r}); re-save the file as UTF-8, e.g. "
+            f"iconv -f latin1 -t utf-8") from None
 
 
 def _plain(value):
@@ -113,8 +135,11 @@ def _tokenise(example: dict, encoder: _Encoder, where: str) -> tuple[list[int], 
                              f"'input_ids'; it has {given or list(example)}")
     kind = given[0]
     if kind != "input_ids" and encoder.tokenizer is None:
-        raise ProbeFileError(f"{where}: {kind!r} needs a tokenizer; pass the model's tokenizer "
-                             "or give 'input_ids'")
+        raise ProbeFileError(
+            f"{where}: {kind!r} needs the model's tokenizer and none was given. Write the "
+            'example as token ids instead, {"input_ids": [12, 7, 301], "mask": [0, 1, 1]} '
+            "(mask optional, per-token labels as lists of the same length), or give the "
+            "tokenizer where the caller takes one (tokenizer=...)")
     if kind == "text":
         if not isinstance(example["text"], str):
             raise ProbeFileError(f"{where}: 'text' must be a string")
@@ -157,15 +182,25 @@ def probe_tables(
     tokens_per_sequence: int | None = None,
     seed: int = 0,
     where: str = "probe set",
+    truncate: bool = False,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """``(sequences, tokens)`` probe tables of ``examples`` (see the module docstring).
 
     Args:
         tokenizer: the model's own tokenizer (``tokenizers.Tokenizer`` or a transformers
             tokenizer); needed for ``text``/``words`` examples and used to decode.
-        context_length: keep the first ``context_length`` tokens of each example.
+        context_length: the model's context; a longer example is an error unless ``truncate``.
+        truncate: keep the first ``context_length`` tokens of a longer example and count the
+            scored tokens it loses in ``sequences["truncated_tokens"]``; an example that loses
+            all of them keeps its row (no tokens), so the count is never lost.
         max_tokens: stop once this many tokens are scored (the last sequence is cut short).
         tokens_per_sequence: score a seeded random subset of this many tokens per sequence.
+
+    Example:
+        >>> sequences, tokens = probe_tables([{"input_ids": [1, 2, 3, 4, 5]}],
+        ...                                  context_length=3, truncate=True)
+        >>> len(tokens), truncated_token_count(sequences)
+        (2, 2)
     """
     encoder = _Encoder(tokenizer)
     sequences, token_rows = [], []
@@ -174,7 +209,15 @@ def probe_tables(
             break
         label_where = f"{where}, example {row}"
         ids, per_token, mask = _tokenise(example, encoder, label_where)
-        if context_length is not None:
+        truncated = 0
+        if context_length is not None and len(ids) > context_length:
+            truncated = sum(mask[context_length:])
+            if not truncate:
+                raise ProbeFileError(
+                    f"{label_where}: {len(ids)} tokens, longer than the context of "
+                    f"{context_length} ({truncated} of its scored tokens lie beyond it). Shorten "
+                    "the example, or allow truncation (truncate=True) to keep its first "
+                    f"{context_length} tokens; the number of scored tokens dropped is recorded")
             ids, mask = ids[:context_length], mask[:context_length]
             per_token = {k: v[:context_length] for k, v in per_token.items()}
         scored = np.flatnonzero(mask)
@@ -183,7 +226,7 @@ def probe_tables(
             scored = np.sort(rng.choice(scored, tokens_per_sequence, replace=False))
         if max_tokens is not None:
             scored = scored[: max_tokens - len(token_rows)]
-        if len(scored) == 0:
+        if len(scored) == 0 and not truncated:
             continue
         per_example = {k: v for k, v in example.items()
                        if k not in RESERVED and not isinstance(v, list)}
@@ -191,9 +234,14 @@ def probe_tables(
         if bad:
             raise ProbeFileError(f"{label_where}: fields {bad} are neither scalars nor per-token "
                                  "lists; labels must be strings, numbers or booleans")
+        clash = sorted(set(per_example) & set(SEQUENCE_FIELDS))
+        if clash:
+            raise ProbeFileError(f"{label_where}: field names {clash} are reserved for polca's "
+                                 "sequence table; rename them")
         sequence = len(sequences)
         sequences.append({"sequence": sequence, "input_ids": list(ids),
-                          "text": encoder.decode(ids), "example": row, **per_example})
+                          "text": encoder.decode(ids), "example": row,
+                          "truncated_tokens": truncated, **per_example})
         for index in scored.tolist():
             token_rows.append({
                 "sequence": sequence, "position": index - 1, "target": ids[index],
@@ -205,6 +253,13 @@ def probe_tables(
     tokens = pd.DataFrame(token_rows)
     tokens.insert(0, "token", np.arange(len(tokens)))
     return pd.DataFrame(sequences), tokens
+
+
+def truncated_token_count(sequences: pd.DataFrame) -> int:
+    """Scored tokens dropped by truncation to the context (0 for tables without the column)."""
+    if "truncated_tokens" not in sequences.columns:
+        return 0
+    return int(sequences["truncated_tokens"].sum())
 
 
 def probe_set_from_file(path: str | os.PathLike, tokenizer=None, **options):

@@ -23,8 +23,8 @@ import math
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
+from polca import progress as P
 from polca.checkpoints import CheckpointStore
 from polca.config import TrainConfig
 from polca.functional import ProbeBatch, next_token_losses
@@ -74,13 +74,14 @@ def train(
     start = _resume(model, optimizer, scheduler, store, schedule)
     pending = [s for s in schedule if s >= start and s not in store]
     running, count = 0.0, 0
+    # counted in checkpoints: what is on disk, and what a resumed run starts from
+    bar = P.bar(progress, len(schedule), len(schedule) - len(pending), "train", "checkpoint")
     if start == 0 and 0 in pending:
         with torch.no_grad():
             first = batch_loss(model, task.train_batch(0, cfg.batch_size).to(device)).item()
         _save(store, 0, model, optimizer, scheduler, first)
-    bar = tqdm(range(start, cfg.steps), desc="train", disable=not progress, initial=start,
-               total=cfg.steps, unit="step")
-    for step in bar:
+        bar.update()
+    for step in range(start, cfg.steps):
         batch = task.train_batch(step, cfg.batch_size).to(device)
         loss = batch_loss(model, batch)
         optimizer.zero_grad(set_to_none=True)
@@ -92,8 +93,10 @@ def train(
         running, count = running + loss.item(), count + 1
         if step + 1 in schedule:
             _save(store, step + 1, model, optimizer, scheduler, running / count)
+            bar.update()
             bar.set_postfix(loss=f"{running / count:.4f}")
             running, count = 0.0, 0
+    bar.close()
 
 
 def _save(store, step, model, optimizer, scheduler, train_loss) -> None:
@@ -123,7 +126,8 @@ def _resume(model, optimizer, scheduler, store: CheckpointStore, schedule: list[
             f"{store.folder} has checkpoints up to step {last} but not {resume_path.name}, "
             "so training cannot resume exactly. Delete the checkpoints folder to retrain."
         )
-    state = torch.load(resume_path, weights_only=True)
+    # saved from any device; load_state_dict moves the state to the parameters' device
+    state = torch.load(resume_path, weights_only=True, map_location="cpu")
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     return last

@@ -47,8 +47,26 @@ class DecoderConfig:
         return asdict(self)
 
 
+def layer_norm(x: torch.Tensor, weight: torch.Tensor | None = None,
+               bias: torch.Tensor | None = None, eps: float = 1e-5) -> torch.Tensor:
+    """LayerNorm of ``x [..., d]`` over its last dimension from primitives, exact under
+    forward-over-forward AD (``F.layer_norm`` is not, pytorch#196700); ``weight``/``bias``
+    ``[d]`` are optional.
+
+    >>> x = torch.randn(3, 5, dtype=torch.float64)
+    >>> torch.allclose(layer_norm(x), F.layer_norm(x, (5,)))
+    True
+    """
+    centred = x - x.mean(dim=-1, keepdim=True)
+    variance = (centred * centred).mean(dim=-1, keepdim=True)
+    out = centred / torch.sqrt(variance + eps)
+    if weight is not None:
+        out = out * weight
+    return out if bias is None else out + bias
+
+
 class LayerNorm(nn.Module):
-    """LayerNorm from primitives, exact under forward-over-forward AD."""
+    """LayerNorm from primitives, exact under forward-over-forward AD (:func:`layer_norm`)."""
 
     def __init__(self, d: int, eps: float = 1e-5):
         super().__init__()
@@ -57,9 +75,7 @@ class LayerNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        centred = x - x.mean(dim=-1, keepdim=True)
-        variance = (centred * centred).mean(dim=-1, keepdim=True)
-        return centred / torch.sqrt(variance + self.eps) * self.weight + self.bias
+        return layer_norm(x, self.weight, self.bias, self.eps)
 
 
 class CausalSelfAttention(nn.Module):

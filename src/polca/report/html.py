@@ -1,9 +1,17 @@
 """The run report: one self-contained HTML page (``report/index.html``) with its figures.
 
-The page inlines its CSS and its figures (base64 PNG), loads nothing from the network and runs
-no script, so it can be mailed or archived as one file; each figure is also saved beside it as
-a PNG. It reads whatever stages have written: a section whose inputs are absent is replaced by
-a note saying which stage writes them, so a report can be made at any point of a run.
+The first screen says what the run is (one line) and what it found (:mod:`polca.findings`:
+an overview paragraph, a table of the headline numbers with every red flag, one sentence per
+trajectory kind); then come the reproduction table (addition runs), the clusters, training,
+the decomposition diagnostics, the progress measures, the evaluation tables and the basis;
+the configuration last. The same findings are written as data to ``report/summary.json``.
+
+The page inlines its CSS and its figures (base64 PNG) and loads nothing from the network, so
+it can be mailed or archived as one file; each figure is also saved beside it as a PNG. It runs
+no script, except the interactive trajectory view when Bokeh is installed (the
+``[interactive]`` extra; ``report.interactive = false`` turns it off), whose library is inlined
+too. It reads whatever stages have written: a section whose inputs are absent is one line
+saying which stage writes them, so a report can be made at any point of a run.
 
 Example:
     >>> write_report("runs/demo-addition")  # doctest: +SKIP
@@ -13,10 +21,7 @@ Example:
 from __future__ import annotations
 
 import base64
-import html
 import io
-import json
-import math
 import re
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -27,22 +32,31 @@ import pandas as pd
 import tomllib
 from matplotlib.figure import Figure
 
-from polca.cluster import EXACT_KINDS, LCA_ARRAY, PROJECTED_TERMS, cumulate
+from polca.config import dump_config, parse_config
 from polca.evaluate import label_scores
-from polca.report import figures
+from polca.findings import coverage, display_order, percent, to_html
+from polca.report import figures, interactive
+from polca.report.markup import details, esc, flatten, fmt, note, table
 from polca.report.plateau import breaks_section, plateau_figure
+from polca.report.reproduction import DIAGNOSTICS_NOTE
+from polca.report.summary import SKILL_LABEL, identity_line, read_findings, run_summary
 from polca.report.text import add_text_section
-from polca.stages.measures import ARRAY as MEASURES_ARRAY
-from polca.stages.measures import read_measures
-from polca.store import RunDir, atomic_write_bytes
+from polca.store import (
+    CORRECT,
+    LABEL_VALUES,
+    LOSS,
+    TRAJECTORY_KINDS,
+    Clustering,
+    RunDir,
+    StoreError,
+)
 
-# Columns of tokens.parquet that are not ground-truth labels.
-TOKEN_FIELDS = ("token", "sequence", "position", "target", "text", "context")
-MAX_TABLE_ROWS = 500
 LONG_TABLE = 30  # evaluation tables with more rows start folded
-EVALUATION_ORDER = ("carry", "hidden", "scores", "clusters")
 # A label with more distinct values is not drawn as groups of curves (digit: 10 is fine).
 MAX_GROUPS = 12
+# A label with more distinct values is not a category to score purity against (POS tags: 17
+# are; POS 4-grams: thousands are not).
+MAX_CATEGORIES = 50
 
 CSS = """
 body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 0 auto;
@@ -60,14 +74,19 @@ details { margin: 0.4em 0; border: 1px solid #ddd; border-radius: 4px; padding: 
 summary { cursor: pointer; font-weight: 600; } .hidden { color: #b00; font-weight: 600; }
 code { background: #f3f3f3; padding: 0 0.2em; } .scroll { overflow-x: auto; }
 td.nowrap { white-space: nowrap; text-align: left; font-family: monospace; }
+p.identity { font-size: 1.05em; margin: 0.3em 0 0.6em; }
+nav.toc { font-size: 0.9em; color: #555; } nav.toc a { margin-right: 0.9em; }
 """
 
 
 @dataclass
 class Page:
-    """Sections of the page and the figures they show, collected before writing."""
+    """Sections of the page and the figures they show, collected before writing; ``head`` is
+    the HTML above the table of contents (the identity line and the findings)."""
 
     title: str
+    head: str = ""
+    scripts: str = ""  # inline scripts for the <head> (the interactive view's library)
     sections: list[tuple[str, str, str]] = field(default_factory=list)  # (anchor, title, html)
     figures: dict[str, bytes] = field(default_factory=dict)  # file name -> PNG
 
@@ -88,172 +107,133 @@ class Page:
         return f'<img src="data:image/png;base64,{encoded}" alt="{esc(alt)}">'
 
     def render(self) -> str:
-        toc = "".join(f'<li><a href="#{a}">{esc(t)}</a></li>' for a, t, _ in self.sections)
+        toc = "".join(f'<a href="#{a}">{esc(t)}</a>' for a, t, _ in self.sections)
         body = "".join(f'<section id="{a}"><h2>{esc(t)}</h2>{b}</section>'
                        for a, t, b in self.sections)
         return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
                 f'<meta name="viewport" content="width=device-width, initial-scale=1">'
-                f"<title>{esc(self.title)}</title><style>{CSS}</style></head><body>"
-                f"<h1>{esc(self.title)}</h1><nav><ul>{toc}</ul></nav>{body}</body></html>\n")
+                f"<title>{esc(self.title)}</title><style>{CSS}</style>{self.scripts}"
+                f"</head><body>"
+                f"<h1>{esc(self.title)}</h1>{self.head}"
+                f'<nav class="toc">Sections: {toc}</nav>{body}</body></html>\n')
 
 
 def write_report(run_dir, max_vectors: int = 6, examples: int | None = None) -> Path:
-    """Write ``report/index.html`` (and its figures as PNG beside it) for the run ``run_dir``.
+    """Write ``report/index.html`` (its figures as PNG beside it) and ``report/summary.json``
+    for the run ``run_dir`` (a path or a :class:`~polca.store.RunDir`).
 
     ``max_vectors``: per clustering, how many basis vectors get figures (the first kept ones;
     every vector still gets its cluster table). ``examples``: example tokens per cluster
     (default: the config's ``report.examples_per_cluster``, else 10). Returns the page path.
     """
-    run = RunDir(run_dir)
+    run = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
     data = RunData(run)
     if examples is None:
-        examples = data.config_value(("report", "examples_per_cluster"), 10)
-    page = Page(f"polca report: {data.config_value(('name',), run.root.name)}")
-    page.add("Configuration", config_section(data))
-    page.add("Training", training_section(data, page))
-    page.add("Progress measures", measures_section(data, page) + breaks_section(
-        run, page.figure, data.config_value(("cluster", "top_clusters"), 3)))
-    page.add("Basis provenance", basis_section(data))
-    page.add("Decomposition diagnostics", diagnostics_section(data, page))
-    page.add("Evaluation", evaluation_section(data))
+        examples = run.config_value(("report", "examples_per_cluster"), 10)
+    found = read_findings(run)
+    facts = run_summary(run, found)
+    page = Page(f"polca report: {facts['run']['name']}")
+    page.head = (f'<p class="identity">{esc(identity_line(facts["run"]))}</p>'
+                 + to_html(found, skill_label=SKILL_LABEL))
+    if facts["reproduction"] is not None:
+        page.add("Reproduction of the paper's addition table",
+                 reproduction_section(facts["reproduction"]))
     page.add("Clusters", clusters_section(data, page, max_vectors, examples))
-    add_text_section(page, run.root, examples)
-    run.report.mkdir(parents=True, exist_ok=True)
-    for name, png in page.figures.items():
-        atomic_write_bytes(run.report / name, png)
-    path = run.report / "index.html"
-    atomic_write_bytes(path, page.render().encode("utf-8"))
+    if run.config_value(("report", "interactive"), None) is not False and interactive.available():
+        page.add("Trajectories, interactive", interactive_section(data, page))
+    add_text_section(page, run, examples)
+    page.add("Training", training_section(data, page))
+    page.add("Decomposition diagnostics", diagnostics_section(data, page))
+    page.add("Progress measures", measures_section(data, page) + breaks_section(
+        run, page.figure, run.config_value(("cluster", "top_clusters"), 3)))
+    page.add("Evaluation tables", evaluation_section(data))
+    page.add("Basis provenance", basis_section(data))
+    page.add("Configuration", config_section(data))
+    path = run.write_report(page.render(), page.figures)
+    run.write_summary(facts)
     return path
 
 
 # -- reading the run directory ------------------------------------------------------------------
 class RunData:
-    """Lazy, tolerant reader of what the stages wrote: every getter returns None if absent."""
+    """Tolerant reader of what the stages wrote, through the contract: every getter returns
+    None (or an empty collection) when its part of the run is absent."""
 
     def __init__(self, run: RunDir):
         self.run = run
-        self._arrays = None
 
     @cached_property
-    def config_text(self) -> str | None:
-        path = self.run.config_path
-        return path.read_text() if path.is_file() else None
-
-    def config_value(self, keys: tuple[str, ...], default):
-        text = self.config_text
-        if text is None:
-            return default
-        value = tomllib.loads(text)
-        for key in keys:
-            if not isinstance(value, dict) or key not in value:
-                return default
-            value = value[key]
-        return value
+    def outside(self) -> bool:
+        """Whether the checkpoints were made outside polca (nothing to train, no measures)."""
+        return self.run.config_value(("source", "kind"), "train") != "train"
 
     @cached_property
     def manifest(self) -> list[dict] | None:
-        path = self.run.checkpoints / "manifest.json"
-        return read_json(path).get("checkpoints") if path.is_file() else None
+        return self.run.checkpoint_manifest()
 
     @cached_property
     def tokens(self) -> pd.DataFrame | None:
-        path = self.run.probe / "tokens.parquet"
-        return pd.read_parquet(path) if path.is_file() else None
+        return self.run.read_tokens() if self.run.has_probe() else None
 
     @cached_property
     def sequences(self) -> pd.DataFrame | None:
-        path = self.run.probe / "sequences.parquet"
-        return pd.read_parquet(path) if path.is_file() else None
+        return self.run.read_sequences() if self.run.has_probe() else None
+
+    @cached_property
+    def problems(self) -> pd.Series | None:
+        """Per token, the text of its whole probe sequence (when the sequences have one)."""
+        tokens, sequences = self.tokens, self.sequences
+        if tokens is None or sequences is None or "text" not in sequences:
+            return None
+        return tokens["sequence"].map(dict(zip(sequences["sequence"], sequences["text"])))
 
     def label_columns(self) -> list[str]:
         tokens = self.tokens
-        return [] if tokens is None else [c for c in tokens.columns if c not in TOKEN_FIELDS]
-
-    def arrays(self):
-        if self._arrays is None and (self.run.root / "arrays.zarr").is_dir():
-            self._arrays = self.run.arrays()
-        return self._arrays
+        return [] if tokens is None else self.run.label_columns(tokens)
 
     def array(self, name: str) -> np.ndarray | None:
-        arrays = self.arrays()
-        return arrays.read(name) if arrays is not None and name in arrays else None
-
-    def array_attrs(self, name: str) -> dict:
-        arrays = self.arrays()
-        return arrays.attrs(name) if arrays is not None and name in arrays else {}
+        if not self.run.has_arrays():
+            return None
+        arrays = self.run.arrays()
+        return arrays.read(name) if name in arrays else None
 
     def steps(self) -> np.ndarray | None:
         """Training step of each checkpoint column of ``loss``."""
-        steps = self.array_attrs("loss").get("steps")
+        steps = self.run.array_steps(LOSS)
         if steps is None and self.manifest:
             steps = [e["step"] for e in self.manifest]
         return None if steps is None else np.asarray(steps)
 
     def projected(self, kind: str, basis: str | None, vector: int) -> np.ndarray | None:
-        """``[tokens, checkpoints]`` projected trajectory of one vector for a projected kind,
-        cumulated from the interval terms as the cluster stage does; None if not computed."""
-        if kind == "lca":
-            names = (LCA_ARRAY,)
-        elif kind in PROJECTED_TERMS and basis is not None:
-            names = tuple(f"polca/{basis}/{term}" for term in PROJECTED_TERMS[kind])
-        else:
+        """``[tokens, checkpoints]`` projected trajectory of one vector, as the cluster stage
+        clusters it; None if not computed."""
+        try:
+            return self.run.projected(kind, basis, slice(vector, vector + 1))[0].T
+        except (StoreError, ValueError, KeyError):
             return None
-        arrays = self.arrays()
-        if arrays is None or not all(n in arrays for n in names):
-            return None
-        terms = sum(np.asarray(arrays.group[n][vector], dtype=np.float64) for n in names)
-        return cumulate(terms[None])[0].T
-
-    def explained_per_interval(self, basis: str, loss: np.ndarray) -> dict[str, np.ndarray]:
-        """Per estimator the fraction of |ΔL| explained in each interval, ``[intervals]``:
-        ``1 − Σ_x |ΔL[x, t] − Σ_b terms[b, t, x]| / Σ_x |ΔL[x, t]|``, read one interval at a
-        time so that large runs fit in memory. Empty if the terms are absent or misaligned."""
-        arrays = self.arrays()
-        delta_loss = np.diff(loss, axis=1)  # [tokens, intervals]
-        out = {}
-        for estimator in ("first_order", "polca", "polca_paper", "integrated"):
-            names = [f"polca/{basis}/{term}" for term in PROJECTED_TERMS[estimator]]
-            if arrays is None or not all(n in arrays for n in names):
-                continue
-            shape = arrays.group[names[0]].shape
-            if shape[1:] != delta_loss.shape[::-1]:
-                continue
-            explained = np.empty(shape[1])
-            for t in range(shape[1]):
-                allocated = sum(np.asarray(arrays.group[n][:, t, :], dtype=np.float64).sum(0)
-                                for n in names)
-                total = np.abs(delta_loss[:, t]).sum()
-                residual = np.abs(delta_loss[:, t] - allocated).sum()
-                explained[t] = 1.0 - residual / total if total > 0 else np.nan
-            out[estimator] = explained
-        return out
 
     def tau(self) -> float | None:
         """τ, the step after which the exact loss is flat, as the cluster stage recorded it."""
-        for info in self.jsons(self.run.clusters).values():
-            tau = (info.get("params") or {}).get("tau") if isinstance(info, dict) else None
+        for clustering in self.run.read_clusterings()[0]:
+            tau = clustering.params.get("tau")
             if tau is not None:
                 return float(tau)
         return None
 
-    def jsons(self, folder: Path) -> dict[str, dict]:
-        return {p.stem: read_json(p) for p in sorted(folder.glob("*.json"))} if folder.is_dir() \
-            else {}
-
-
-def read_json(path: Path):
-    try:
-        return json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        return {"error": f"could not read {path.name}: {err}"}
-
 
 # -- sections -----------------------------------------------------------------------------------
 def config_section(data: RunData) -> str:
-    text = data.config_text
+    """The resolved config; an outside run's without the sections it does not use (model,
+    training and checkpoints describe training by polca)."""
+    text = data.run.config_text()
     if text is None:
         return note("no config.toml in the run directory")
-    return f"<p>The resolved config of this run (<code>config.toml</code>):</p><pre>{esc(text)}</pre>"
+    if not data.outside:
+        return (f"<p>The resolved config of this run (<code>config.toml</code>):</p>"
+                f"<pre>{esc(text)}</pre>")
+    return ("<p>The config sections this run uses (<code>config.toml</code> also holds "
+            "the defaults of the sections that describe training by polca):</p>"
+            f"<pre>{esc(dump_config(parse_config(tomllib.loads(text)), used_only=True))}</pre>")
 
 
 def training_section(data: RunData, page: Page) -> str:
@@ -264,16 +244,18 @@ def training_section(data: RunData, page: Page) -> str:
         rows = [("checkpoints", len(manifest)), ("first step", manifest[0]["step"]),
                 ("final step", last["step"]), ("final train loss", last.get("train_loss"))]
         parts.append(table(pd.DataFrame(rows, columns=["quantity", "value"]), "Training run"))
+    elif data.outside:
+        parts.append(source_table(data))
     else:
         parts.append(note("no checkpoints/manifest.json: run `polca train`"))
-    tokens, loss, steps = data.tokens, data.array("loss"), data.steps()
+    tokens, loss, steps = data.tokens, data.array(LOSS), data.steps()
     if tokens is None or loss is None or steps is None or loss.shape[1] != len(steps):
         parts.append(note("no exact token losses: run `polca trajectories`"))
         return "".join(parts)
     labels = [c for c in data.label_columns() if tokens[c].nunique() <= MAX_GROUPS]
     group = labels[0] if labels else None
     groups = tokens[group].to_numpy() if group else None
-    correct = data.array("correct")
+    correct = data.array(CORRECT)
     if correct is not None:
         parts.append(final_accuracy(tokens, correct, group))
     tau = data.tau()
@@ -308,19 +290,34 @@ def final_accuracy(tokens: pd.DataFrame, correct: np.ndarray, group: str | None)
     return table(frame, "Accuracy at the final checkpoint")
 
 
+def source_table(data: RunData) -> str:
+    """The checkpoint series of an outside run, as its source described it (``source.json``)."""
+    source = data.run.read_source() or {}
+    checkpoints = source.get("checkpoints") or []
+    if not checkpoints:
+        return note("checkpoints made outside polca (no description recorded)")
+    frame = pd.DataFrame([{k: v for k, v in c.items() if not isinstance(v, (dict, list))}
+                          for c in checkpoints])
+    return details(f"{len(frame)} checkpoints made outside polca (source.json)",
+                   table(frame, "Checkpoints of the series"))
+
+
 def measures_section(data: RunData, page: Page) -> str:
-    """The progress measures per checkpoint (METHOD §8), as the measures stage draws them."""
-    arrays = data.arrays()
-    if arrays is None or MEASURES_ARRAY not in arrays:
+    """The progress measures per checkpoint (docs/method.md §8), as the measures stage draws
+    them."""
+    if data.outside:
+        return note("progress measures need polca's own decoder (greedy generation, hidden "
+                    "states, attention): none for checkpoints made outside polca")
+    if not data.run.has_measures():
         return note("no progress measures: run `polca measures`")
-    table_ = read_measures(data.run)
+    table_ = data.run.read_measures()
     return page.figure("progress_measures", plateau_figure(table_), "progress measures") + details(
         f"progress measures at {len(table_)} checkpoints",
         table(table_.reset_index(), "Progress measures per checkpoint"))
 
 
 def basis_section(data: RunData) -> str:
-    provenance = data.jsons(data.run.basis)
+    provenance = data.run.basis_documents()
     if not provenance:
         return note("no basis/*.json: run `polca basis`")
     parts = []
@@ -339,8 +336,8 @@ def basis_section(data: RunData) -> str:
 def diagnostics_section(data: RunData, page: Page) -> str:
     """Per basis: the decompose stage's summary (fraction of |ΔL| explained per estimator,
     first- vs second-order agreement, paper-curvature checks) and the fraction explained per
-    interval, recomputed here from the stored terms and the exact losses."""
-    diagnostics = data.jsons(data.run.root / "diagnostics")
+    interval it recorded."""
+    diagnostics = data.run.read_diagnostics()
     if not diagnostics:
         return note("no diagnostics/*.json: run `polca decompose`")
     rows = []
@@ -349,7 +346,8 @@ def diagnostics_section(data: RunData, page: Page) -> str:
         for key, value in flatten(info).items():
             if key.startswith("estimators.") and key.endswith(".explained_fraction"):
                 row[f"explained: {key.split('.')[1]}"] = value
-            elif not isinstance(value, list) and key not in ("basis", "steps"):
+            elif not isinstance(value, list) and key not in ("basis", "steps") \
+                    and not key.startswith("explained_per_interval."):
                 row[key] = value
             elif key == "zero_step_intervals":
                 row[key] = len(value)
@@ -357,115 +355,77 @@ def diagnostics_section(data: RunData, page: Page) -> str:
     summary = pd.DataFrame(rows).set_index("basis").T.reset_index(names="quantity")
     parts = [table(summary, "Decomposition diagnostics per basis (explained: 1 − Σ|residual| / "
                             "Σ|ΔL| over tokens and intervals)")]
-    loss, steps = data.array("loss"), data.steps()
-    series = {}
-    for name in diagnostics:
-        if loss is not None:
-            for estimator, values in data.explained_per_interval(name, loss).items():
-                series[f"{name}: {estimator}"] = values
-    if series and steps is not None:
+    steps = data.steps()
+    series = {f"{name}: {estimator}": np.array(values, dtype=float)
+              for name, info in diagnostics.items()
+              for estimator, values in (info.get("explained_per_interval") or {}).items()}
+    if series and steps is not None and all(len(v) == len(steps) - 1
+                                            for v in series.values()):
         parts.append(page.figure("diagnostics_explained", figures.interval_series(
             steps[1:], series, ylabel="fraction of |ΔL| explained",
-            title="Fraction of the exact loss change explained, per interval"),
+            title="Fraction of the exact loss change explained, per interval",
+            reference=(0.0, "0: no better than allocating nothing"), floor=-1.0),
             "fraction of |ΔL| explained per interval"))
     return "".join(parts)
 
 
 def evaluation_section(data: RunData) -> str:
-    folder = data.run.root / "evaluation"
-    # the reproduction tables first, then any other table the evaluate stage wrote
-    first = {name: i for i, name in enumerate(EVALUATION_ORDER)}
-    csvs = sorted(folder.glob("*.csv") if folder.is_dir() else [],
-                  key=lambda p: (first.get(p.stem, len(first)), p.stem))
-    if not csvs:
+    """Every evaluation table (the scores with the coverage of each clustering beside its
+    purities); a table without rows is left out."""
+    names = data.run.evaluation_names()  # the reproduction tables first
+    if not names:
         return note("no evaluation/*.csv: run `polca evaluate`")
     parts = []
-    for path in csvs:
+    n_tokens = len(data.tokens) if data.tokens is not None else None
+    for name in names:
         try:
-            frame = pd.read_csv(path)
+            frame = data.run.read_evaluation_table(name)
         except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
-            parts.append(note(f"{path.name}: unreadable ({err})"))
+            parts.append(note(f"evaluation/{name}.csv cannot be read ({err}); run "
+                              "`polca evaluate` again"))
             continue
-        rendered = table(frame, path.stem.replace("_", " ").replace("-", " "))
+        if frame is None or not len(frame):
+            continue
+        if name == "scores" and n_tokens and "n_clustered" in frame:
+            frame.insert(list(frame.columns).index("n_clustered") + 1, "coverage",
+                         frame["n_clustered"] / n_tokens)
+        rendered = table(frame, name.replace("_", " ").replace("-", " "))
         parts.append(rendered if len(frame) <= LONG_TABLE else details(
-            f"evaluation/{path.name}: {len(frame)} rows", rendered))
+            f"evaluation/{name}.csv: {len(frame)} rows", rendered))
+    return "".join(parts) or note("every evaluation table is empty")
+
+
+def reproduction_section(tables: dict) -> str:
+    """The paper's addition table with ours beside it, and the decomposition diagnostics
+    (:func:`polca.report.reproduction.reproduction_tables`)."""
+    carry = tables["carry"]
+    parts = [
+        ("<p>The paper's carry metric (Appendix G): the share of carry tokens in the most "
+         "homogeneous eligible cluster (top 3 for POLCA kinds: the best of each of the three "
+         "best vectors), with its recall and F1; “–”: no eligible cluster. Read it with the "
+         "coverage and flags of each row in <a href=\"#found\">What was found</a>.</p>"),
+        table(pd.DataFrame(carry["rows"], columns=carry["header"]),
+              "Ours beside the paper's numbers", text_columns=carry["header"])]
+    if "diagnostics" in tables:
+        diagnostics = tables["diagnostics"]
+        parts.append(table(pd.DataFrame(diagnostics["rows"], columns=diagnostics["header"]),
+                           DIAGNOSTICS_NOTE, text_columns=diagnostics["header"]))
     return "".join(parts)
 
 
 # -- clusters -----------------------------------------------------------------------------------
-@dataclass
-class Clustering:
-    """One clustering: ``clusters/NAME.parquet`` ([vector,] token, label[, break_step]), the
-    per-cluster ``NAME.breaks.parquet`` ([vector,] cluster, size, break_step, hidden) and the
-    ``NAME.json`` of its parameters, as the cluster stage writes them."""
-
-    name: str
-    frame: pd.DataFrame
-    info: dict
-    cluster_breaks: pd.DataFrame | None
-
-    @property
-    def params(self) -> dict:
-        return self.info.get("params") or {}
-
-    @property
-    def kind(self) -> str:
-        return str(self.params.get("kind") or self.name)
-
-    @property
-    def basis(self) -> str | None:
-        return self.params.get("basis")
-
-    def vectors(self) -> list:
-        return sorted(self.frame["vector"].unique()) if "vector" in self.frame else [None]
-
-    def labels(self, vector, n_tokens: int) -> np.ndarray:
-        """Cluster id per probe token (``[tokens]``; tokens absent from the file are -2)."""
-        rows = self.frame if vector is None else self.frame[self.frame["vector"] == vector]
-        out = np.full(n_tokens, -2, dtype=np.int64)
-        out[rows["token"].to_numpy()] = rows["label"].to_numpy()
-        return out
-
-    def breaks(self, vector) -> pd.DataFrame | None:
-        """Per cluster (index) size, break_step and hidden, or None if not recorded."""
-        frame = self.cluster_breaks
-        if frame is None or "cluster" not in frame:
-            return None
-        if vector is not None and "vector" in frame:
-            frame = frame[frame["vector"] == vector]
-        return frame.set_index("cluster")
-
-
-def read_clusterings(run: RunDir) -> tuple[list[Clustering], list[str]]:
-    """The clusterings in ``clusters/`` and notes on files that could not be used."""
-    out, problems = [], []
-    paths = sorted(run.clusters.glob("*.parquet")) if run.clusters.is_dir() else []
-    for path in paths:
-        if path.name.endswith(".breaks.parquet"):
-            continue
-        frame = pd.read_parquet(path)
-        if not {"token", "label"} <= set(frame.columns):
-            problems.append(f"{path.name} lacks the columns token and label "
-                            f"(has {list(frame.columns)}); re-run `polca cluster`")
-            continue
-        side, breaks = path.with_suffix(".json"), path.with_suffix(".breaks.parquet")
-        out.append(Clustering(path.stem, frame, read_json(side) if side.is_file() else {},
-                              pd.read_parquet(breaks) if breaks.is_file() else None))
-    return out, problems
-
-
 def clusters_section(data: RunData, page: Page, max_vectors: int, examples: int) -> str:
-    clusterings, problems = read_clusterings(data.run)
+    clusterings, problems = data.run.read_clusterings()
+    clusterings.sort(key=lambda c: display_order(c.info, c.name))  # as in What was found
     tokens = data.tokens
     if not clusterings or tokens is None:
         return note("no clusters/*.parquet: run `polca cluster`") + "".join(map(note, problems))
     labels_cols = [c for c in data.label_columns() if tokens[c].nunique() <= MAX_GROUPS]
-    parts = [*map(note, problems), homogeneity_overview(clusterings, tokens, labels_cols, page)]
-    sequences = data.sequences
-    problems = None
-    if sequences is not None and "text" in sequences:
-        problems = tokens["sequence"].map(dict(zip(sequences["sequence"], sequences["text"])))
-    loss, steps = data.array("loss"), data.steps()
+    categories = [c for c in data.label_columns() if tokens[c].nunique() <= MAX_CATEGORIES]
+    parts = [*map(note, problems), homogeneity_overview(clusterings, tokens, categories, page,
+                                                       data.label_columns())]
+    problems = data.problems
+    loss, steps = data.array(LOSS), data.steps()
     for clustering in clusterings:
         blocks = [params_table(clustering)]
         shown = 0
@@ -485,13 +445,39 @@ def clusters_section(data: RunData, page: Page, max_vectors: int, examples: int)
     return "".join(parts)
 
 
+def interactive_section(data: RunData, page: Page) -> str:
+    """Every token's exact-loss trajectory, coloured by the exact-loss clustering, its token
+    shown on hover (:mod:`polca.report.interactive`)."""
+    tokens, loss, steps = data.tokens, data.array(LOSS), data.steps()
+    if tokens is None or loss is None or steps is None or loss.shape[1] != len(steps):
+        return note("no exact token losses: run `polca trajectories`")
+    names = data.run.clustering_names()
+    labels = (data.run.read_clustering("loss").labels(None, len(tokens)) if "loss" in names
+              else np.full(len(tokens), -1))
+    problems = data.problems
+    label_cols = [c for c in data.label_columns() if tokens[c].nunique() <= MAX_CATEGORIES]
+    hover = [example_text(tokens, problems, i) + "".join(
+        f", {c} {tokens[c].iloc[i]}" for c in label_cols) for i in range(len(tokens))]
+    head, body = interactive.trajectory_view(
+        steps, loss, labels, hover, title="Exact loss of every probe token, coloured by the "
+                                          "exact-loss clusters (grey: noise)")
+    page.scripts = head
+    return ("<p>Hover a line to see its token (context → target [full problem]) and "
+            "labels; drag to pan, scroll to zoom.</p>" + body)
+
+
 def homogeneity_overview(clusterings: list[Clustering], tokens: pd.DataFrame,
-                         label_cols: list[str], page: Page) -> str:
+                         label_cols: list[str], page: Page, all_labels=()) -> str:
     """Size-weighted purity per label for each clustering (its vectors pooled, each token
-    counted once per vector it was clustered on), with the chance level beside it."""
+    counted once per vector it was clustered on), with the chance level and the coverage
+    (clustered / all token-vector pairs, :func:`polca.findings.coverage`) beside it."""
     if not label_cols:
-        return note("the probe tokens carry no labels: no homogeneity to show")
-    rows, chance = {}, {}
+        many = [c for c in all_labels if c not in label_cols]
+        return note("no label with at most "
+                    f"{MAX_CATEGORIES} values to score the clusters' homogeneity against"
+                    + (f" (the labels {', '.join(many)} have more; see the POS-labelled "
+                       "clusters)" if many else " (the probe tokens carry no labels)"))
+    rows, chance, covered = {}, {}, {}
     for clustering in clusterings:
         row = {}
         for column in label_cols:
@@ -503,12 +489,15 @@ def homogeneity_overview(clusterings: list[Clustering], tokens: pd.DataFrame,
             row[column] = scores["weighted_purity"]
             chance[column] = float(tokens[column].value_counts(normalize=True).max())
         rows[clustering.name] = row
+        covered[clustering.name] = coverage(clustering.info).fraction
     frame = pd.DataFrame.from_dict(rows, orient="index")
-    img = page.figure("homogeneity", figures.homogeneity_bars(frame, chance),
-                      "cluster homogeneity by label")
-    return img + table(frame.reset_index(names="clustering"),
-                       "Size-weighted homogeneity (purity) of clusters, by label; "
-                       f"chance: {', '.join(f'{k} {v:.3f}' for k, v in chance.items())}")
+    img = page.figure("homogeneity", figures.homogeneity_bars(frame, chance, coverage=covered),
+                      "cluster homogeneity by label, with the coverage of each clustering")
+    shown = frame.assign(coverage=[percent(covered[n]) for n in frame.index]).reset_index(
+        names="clustering")
+    return img + table(shown, "Size-weighted homogeneity (purity) of clusters, by label, and "
+                       "coverage (clustered / all tokens, over every vector); chance: "
+                       f"{', '.join(f'{k} {v:.3f}' for k, v in chance.items())}")
 
 
 def params_table(clustering: Clustering) -> str:
@@ -533,24 +522,29 @@ def params_table(clustering: Clustering) -> str:
 def vector_block(data: RunData, clustering: Clustering, vector, labels: np.ndarray,
                  tokens: pd.DataFrame, problems: pd.Series | None, label_cols: list[str],
                  loss, steps, page: Page, draw: bool, examples: int) -> str:
-    breaks = clustering.breaks(vector)
+    breaks = clustering.breaks_of(vector)
     break_steps = {} if breaks is None or "break_step" not in breaks else breaks["break_step"]
     title = clustering.name + ("" if vector is None else f", vector {vector}")
     parts = []
     if draw and loss is not None and steps is not None and loss.shape[1] == len(steps):
         name = f"clusters_{clustering.name}" + ("" if vector is None else f"_v{vector}")
-        projected = (None if vector is None or clustering.kind in EXACT_KINDS
-                     else data.projected(clustering.kind, clustering.basis, int(vector)))
+        projected = (None if vector is None
+                     or TRAJECTORY_KINDS.get(clustering.kind, TRAJECTORY_KINDS["loss"]).source
+                     == "loss" else data.projected(clustering.kind, clustering.basis,
+                                                   int(vector)))
+        tau, delta = clustering.params.get("tau"), clustering.params.get("delta")
         if projected is not None and projected.shape == loss.shape:
             parts.append(page.figure(name, figures.cluster_trajectories(
-                steps, projected, loss, labels, breaks=dict(break_steps), title=title), title))
+                steps, projected, loss, labels, breaks=dict(break_steps), title=title,
+                tau=tau, delta=delta), title))
         else:
             top = [c for c in pd.Series(labels[labels >= 0]).value_counts().index[:3]]
             groups = np.where(np.isin(labels, top), labels, -1).astype(object)
             groups[groups == -1] = None
             parts.append(page.figure(name, figures.loss_curves(
                 steps, loss, groups, "cluster",
-                breaks={c: s for c, s in dict(break_steps).items() if c in top},
+                breaks={**{c: s for c, s in dict(break_steps).items() if c in top},
+                        "tau": tau},
                 title=f"{title}: exact loss of the top clusters"), title))
         if label_cols:
             parts.append(page.figure(name + "_composition", figures.composition_bars(
@@ -598,65 +592,6 @@ def example_text(tokens: pd.DataFrame, problems: pd.Series | None, i: int) -> st
 
 
 def label_counts(labels: np.ndarray) -> str:
-    names = {-1: "noise", -2: "filtered", -3: "vector dropped"}
+    names = LABEL_VALUES
     counts = pd.Series(labels[labels < 0]).value_counts().sort_index(ascending=False)
     return ", ".join(f"{names.get(int(k), k)}: {v}" for k, v in counts.items()) or "no noise"
-
-
-# -- small HTML helpers ---------------------------------------------------------------------------
-def esc(value) -> str:
-    return html.escape(str(value), quote=True)
-
-
-def note(text: str) -> str:
-    return f'<p class="note">{esc(text)}</p>'
-
-
-def details(summary: str, body: str) -> str:
-    return f"<details><summary>{esc(summary)}</summary>{body}</details>"
-
-
-def fmt(value) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "—"
-    if isinstance(value, (bool, np.bool_)):
-        return "yes" if value else "no"
-    if isinstance(value, (float, np.floating)):
-        return f"{value:.4g}"
-    if isinstance(value, (dict, list, tuple, np.ndarray)):
-        return json.dumps(value.tolist() if isinstance(value, np.ndarray) else value,
-                          default=str)
-    return str(value)
-
-
-def table(frame: pd.DataFrame, caption: str, text_columns=(), nowrap_columns=()) -> str:
-    """``frame`` as an escaped HTML table in a horizontally scrolling box; tables longer than
-    ``MAX_TABLE_ROWS`` are cut with a note. ``nowrap_columns`` keep each line unbroken."""
-    shown = frame.head(MAX_TABLE_ROWS)
-    columns = list(shown.columns)
-    texts = {c for c in columns if c in text_columns or c in nowrap_columns
-             or not pd.api.types.is_numeric_dtype(shown[c])}
-    head = "".join(f'<th class="{"text" if c in texts else ""}">{esc(c)}</th>' for c in columns)
-    body = []
-    for row in shown.itertuples(index=False):
-        cells = []
-        for c, v in zip(columns, row):
-            inner = esc(fmt(v)).replace("\n", "<br>")
-            css = "nowrap" if c in nowrap_columns else "text" if c in texts else ""
-            cells.append(f'<td class="{css}">{inner}</td>' if css else f"<td>{inner}</td>")
-        body.append("<tr>" + "".join(cells) + "</tr>")
-    more = (f"<p class=\"note\">{len(frame) - len(shown)} more rows not shown</p>"
-            if len(frame) > len(shown) else "")
-    return (f'<div class="scroll"><table><caption>{esc(caption)}</caption><thead><tr>{head}'
-            f"</tr></thead><tbody>{''.join(body)}</tbody></table></div>{more}")
-
-
-def flatten(obj, prefix: str = "") -> dict:
-    """Nested dicts as one dict with dotted keys (lists and scalars are leaves)."""
-    if not isinstance(obj, dict):
-        return {prefix or "value": obj}
-    out = {}
-    for key, value in obj.items():
-        name = f"{prefix}.{key}" if prefix else str(key)
-        out.update(flatten(value, name) if isinstance(value, dict) else {name: value})
-    return out

@@ -16,7 +16,6 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -24,7 +23,8 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
 from polca.measures import plateau_summary
-from polca.report.figures import _color, _figure
+from polca.report.figures import LEGEND_FONTSIZE, STEP, _color, _figure, _finite, note_figure
+from polca.report.markup import details, note, table
 
 PROGRESS_MEASURES = ("loss", "accuracy", "repetition", "entropy", "cosine",
                      "attention_progress", "weight_norm")
@@ -33,50 +33,84 @@ TITLES = {"loss": "probe loss", "accuracy": "greedy accuracy", "repetition": "re
           "attention_progress": "attention progress measure", "weight_norm": "weight norm ‖θ‖"}
 
 
+# the unit (or kind of number) on each measure's y axis
+UNITS = {"loss": "nats", "accuracy": "fraction", "repetition": "fraction of pairs",
+         "entropy": "nats", "cosine": "cosine", "attention_progress": "fraction of attention",
+         "weight_norm": "L2 norm"}
+
+
+def _measure_panel(ax, steps, values, name: str, reference: Mapping) -> None:
+    ax.plot(steps, values, color=_color(0))
+    if name in reference:
+        ax.axhline(reference[name], color="0.4", linestyle="--", linewidth=0.8,
+                   label="dashed: value of the true outputs")
+    ax.set(title=TITLES.get(name, name), ylabel=UNITS.get(name, "value"))
+
+
 def plateau_figure(table: pd.DataFrame) -> Figure:
-    """Eight panels: loss, per-output accuracy (first output coloured), repetition, entropy
-    (dashed: the true outputs' values from ``table.attrs["reference"]``), cosine, attention
-    progress, total weight norm and the change of the per-tensor norms since the first
-    checkpoint (the six that moved most). A dotted line marks
-    the drop (:func:`polca.measures.plateau_summary`)."""
+    """Up to eight panels, one per measure that has a finite value: loss, per-output accuracy
+    of greedy generation (each output fed back; first output coloured), repetition, entropy (dashed: the true outputs' values from
+    ``table.attrs["reference"]``), cosine, attention progress, total weight norm and the
+    change of the per-tensor norms since the first checkpoint (the six that moved most).
+    A dotted line marks the drop (:func:`polca.measures.plateau_summary`); one legend below
+    the panels names every line. Measures without values are named in a note, not drawn."""
     steps = table.index.to_numpy()
     reference = table.attrs.get("reference", {})
-    drop = plateau_summary(table)["drop_step"] if "accuracy_out01" in table else None
-    fig, axes = _figure(ncols=4, nrows=2, width=3.6, height=2.8)
-    axes = axes.ravel()
-    ax = axes[0]
-    ax.plot(steps, table["loss"], color=_color(0))
-    ax.set_title(TITLES["loss"])
-    ax = axes[1]
     outputs = sorted(c for c in table.columns if c.startswith("accuracy_out"))
-    for column in outputs[1:]:
-        ax.plot(steps, table[column], color="0.75", linewidth=0.7)
-    if outputs:
-        ax.plot(steps, table[outputs[1:]].mean(axis=1), color=_color(0), label="outputs 2…n")
-        ax.plot(steps, table[outputs[0]], color=_color(1), label="output 1")
-        ax.legend(fontsize=7)
-    ax.set_title("accuracy per output position")
-    panels = ["repetition", "entropy", "cosine", "attention_progress", "weight_norm"]
-    for ax, name in zip(axes[2:7], panels):
-        if name in table:
-            ax.plot(steps, table[name], color=_color(0))
-            if name in reference:
-                ax.axhline(reference[name], color="0.4", linestyle="--", linewidth=0.8)
-        ax.set_title(TITLES[name])
-    ax = axes[7]
+    drop = (plateau_summary(table)["drop_step"]
+            if "accuracy_out01" in table and _finite(table[outputs[1:]]) else None)
     tensors = table[[c for c in table.columns if c.startswith("weight_norm/")]]
-    change = tensors - tensors.iloc[0]
-    moved = change.iloc[-1].abs().sort_values(ascending=False).index[:6]
-    for i, column in enumerate(moved):
-        ax.plot(steps, change[column], color=_color(i), linewidth=0.9,
-                label=column.removeprefix("weight_norm/"))
-    ax.set_title("norm change (top 6 tensors)")
-    if len(moved):
-        ax.legend(fontsize=5)
-    for ax in axes:
-        ax.set_xlabel("step", fontsize=8)
+    panels = [name for name in ("loss", "repetition", "entropy", "cosine",
+                                "attention_progress", "weight_norm")
+              if name in table and _finite(table[name])]
+    if outputs and _finite(table[outputs]):
+        panels.insert(1, "accuracy")
+    if tensors.shape[1] and _finite(tensors):
+        panels.append("norm_change")
+    missing = [TITLES.get(n, n) for n in PROGRESS_MEASURES if n in table
+               and not _finite(table[n])]
+    if not panels:
+        return note_figure("no progress measure has a value")
+    fig, axes = _figure(ncols=min(4, len(panels)), nrows=-(-len(panels) // 4), width=3.6,
+                        height=2.8)
+    axes = axes.ravel()
+    handles: dict[str, object] = {}
+    for ax, name in zip(axes, panels):
+        if name == "accuracy":
+            for column in outputs[1:]:
+                ax.plot(steps, table[column], color="0.75", linewidth=0.7,
+                        label="grey: each output 2…n")
+            if outputs[1:]:
+                ax.plot(steps, table[outputs[1:]].mean(axis=1), color=_color(0),
+                        label="generation accuracy: mean of outputs 2…n")
+            ax.plot(steps, table[outputs[0]], color=_color(1),
+                    label="generation accuracy: output 1")
+            # generated from the prompt, each output fed back: not the teacher-forced accuracy
+            ax.set(title="accuracy of greedy generation", ylabel="fraction of sequences")
+        elif name == "norm_change":
+            change = tensors - tensors.iloc[0]
+            moved = change.iloc[-1].abs().sort_values(ascending=False).index[:6]
+            for i, column in enumerate(moved):
+                ax.plot(steps, change[column], color=_color(i + 2), linewidth=0.9,
+                        label=f"norm change: {column.removeprefix('weight_norm/')}")
+            ax.set(title="norm change since step 0 (top 6)", ylabel="Δ L2 norm")
+        else:
+            _measure_panel(ax, steps, table[name], name, reference)
+        ax.set_xlabel(STEP)
         if drop is not None:
-            ax.axvline(drop, color="0.2", linestyle=":", linewidth=1.0)
+            ax.axvline(drop, color="0.2", linestyle=":", linewidth=1.0,
+                       label=f"dotted: step {drop:g}, the drop (generation accuracy of "
+                             "outputs 2…n halfway from its start to its maximum)")
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(label, handle)
+    for ax in axes[len(panels):]:
+        ax.set_visible(False)
+    if handles:
+        fig.legend(list(handles.values()), list(handles), loc="outside lower center",
+                   ncols=2, fontsize=LEGEND_FONTSIZE)
+    if missing:
+        fig.suptitle(f"not drawn, no values: {', '.join(missing)}", fontsize=LEGEND_FONTSIZE + 1,
+                     color="0.35")
     return fig
 
 
@@ -85,14 +119,19 @@ def measures_with_breaks(table: pd.DataFrame, breaks: Mapping | Sequence | None,
     """One panel per progress measure with cluster break times as vertical dashed lines.
 
     ``breaks`` is a list of steps or ``{name: step or list of steps}`` (one colour per name,
-    e.g. per clustering, named in a legend on the first panel); ``measures`` defaults to those
-    of :data:`PROGRESS_MEASURES` in the table.
+    e.g. per clustering, named in a legend beside the panels); ``measures`` defaults to those
+    of :data:`PROGRESS_MEASURES` in the table. A measure with no finite value gets no panel;
+    a note under the title names it.
     """
     names = list(measures) if measures is not None else [
         m for m in PROGRESS_MEASURES if m in table]
     missing = [m for m in names if m not in table]
     if missing:
         raise KeyError(f"measures {missing} are not in the table (has {list(table.columns)})")
+    empty = [m for m in names if not _finite(table[m])]
+    names = [m for m in names if m not in empty]
+    if not names:
+        return note_figure(f"no progress measure has a value ({', '.join(empty) or 'none'})")
     fig, axes = _figure(ncols=min(4, len(names)), nrows=-(-len(names) // 4), width=3.6,
                         height=2.8)
     axes = axes.ravel()
@@ -103,17 +142,23 @@ def measures_with_breaks(table: pd.DataFrame, breaks: Mapping | Sequence | None,
     for ax, name in zip(axes, names):
         ax.plot(steps, table[name], color=_color(0))
         ax.set_title(name)
-        ax.set_xlabel("step", fontsize=8)
+        ax.set(xlabel=STEP, ylabel=UNITS.get(name, "value"))
         for key, values in groups.items():
             for step in values[np.isfinite(values)]:
                 ax.axvline(float(step), color=colors[key], linestyle="--", linewidth=1.0,
                            alpha=0.8)
     for ax in axes[len(names):]:
         ax.set_visible(False)
-    keys = [k for k in groups if k is not None]
-    if keys:
-        handles = [Line2D([], [], color=colors[k], linestyle="--", label=str(k)) for k in keys]
-        axes[0].legend(handles=handles, fontsize=6)
+    handles = [Line2D([], [], color=colors[k], linestyle="--", label=f"break steps: {k}")
+               for k in groups if k is not None]
+    if None in groups and np.isfinite(groups[None]).any():
+        handles.append(Line2D([], [], color="0.3", linestyle="--", label="break steps"))
+    if handles:
+        fig.legend(handles=handles, loc="outside right upper", fontsize=LEGEND_FONTSIZE,
+                   title="dashed: mean break step\nof a top cluster", title_fontsize=LEGEND_FONTSIZE)
+    if empty:
+        fig.suptitle(f"not drawn, no values: {', '.join(empty)}", fontsize=LEGEND_FONTSIZE + 1,
+                     color="0.35")
     return fig
 
 
@@ -184,19 +229,14 @@ def breaks_section(run, figure: Callable[[str, Figure, str], str], top: int = 3)
     renders a figure (the report's ``Page.figure``). Empty when the run has no measures; a
     note when it has no cluster break times yet.
     """
-    # imported here, not at the top: polca.report.html imports this module
-    from polca.report.html import details, note, table
-    from polca.stages.measures import ARRAY, read_measures
-
-    if not (Path(run.root) / "arrays.zarr").is_dir() or ARRAY not in run.arrays():
+    if not run.has_measures():
         return ""
-    paths = sorted(Path(run.clusters).glob("*.breaks.parquet"))
-    if not paths:
+    breaks = run.read_breaks()
+    if not breaks:
         return note("no clusters/*.breaks.parquet: run `polca cluster` to set POLCA's break "
                     "times beside the progress measures")
-    measures = read_measures(run)
-    clusters = top_cluster_breaks(
-        {p.name.removesuffix(".breaks.parquet"): pd.read_parquet(p) for p in paths}, top)
+    measures = run.read_measures()
+    clusters = top_cluster_breaks(breaks, top)
     lines = {name: group["break_step"].to_numpy()
              for name, group in clusters.groupby("clustering", sort=False)}
     img = figure("measures_breaks", measures_with_breaks(measures, lines),

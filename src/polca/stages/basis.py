@@ -1,9 +1,9 @@
 """Stage `basis`: build every basis in ``cfg.basis.kinds`` into ``basis/<name>.{safetensors,json}``.
 
-Algorithm 1 is sequential, so after each basis checkpoint the vectors so far are saved to
-``basis/.partial/<name>.*``; a restarted stage continues from there. A basis whose final files
-exist with the same parameters is skipped; with different parameters the stage stops and says
-how to rebuild it.
+Algorithm 1 is sequential, so after each basis checkpoint the vectors so far are saved as a
+partial basis; a restarted stage continues from there. A finished basis whose inputs (the
+checkpoints, the basis sample, its settings) are unchanged is kept; when they changed, it is
+rebuilt and the stage says so.
 """
 
 from __future__ import annotations
@@ -11,15 +11,15 @@ from __future__ import annotations
 import warnings
 
 import torch
-from tqdm.auto import tqdm
 
 from polca import bases
+from polca import progress as P
 from polca.bases import Basis, BasisError
-from polca.curvature import DTYPES, BasisCheckpoint, HessianOperator
+from polca.curvature import Algorithm1Options, BasisCheckpoint
+from polca.parallel import ShardedHessian
+from polca.precision import model_dtype
 from polca.stages.common import RunContext
-from polca.store import StoreError
-
-PARTIAL = ".partial"
+from polca.store import StoreError, read_vectors
 
 
 def basis_checkpoint_positions(steps: list[int], every: int) -> list[int]:
@@ -43,65 +43,101 @@ def basis_checkpoint_positions(steps: list[int], every: int) -> list[int]:
     return positions or [len(steps) - 1]
 
 
+def algorithm_one_options(cfg, batch_size: int, n_vectors: int,
+                          arithmetic: str | None = None) -> Algorithm1Options:
+    """Algorithm 1's options from the ``basis`` config section (the model's ``arithmetic``,
+    default ``basis.dtype``)."""
+    return Algorithm1Options(per_checkpoint=cfg.per_checkpoint, max_vectors=n_vectors,
+                             tol=cfg.tol, solver=cfg.solver, batch_size=batch_size,
+                             dtype=arithmetic or cfg.dtype, seed=cfg.seed)
+
+
 def run_basis(ctx: RunContext, progress: bool = True) -> dict[str, Basis]:
-    """Build (or resume, or skip) every configured basis; returns them by name."""
+    """Build (or resume, or keep) every configured basis; returns them by name.
+
+    The Hessian-vector products of a basis checkpoint are the token-weighted sum over
+    ``executor.hvp_shards`` shards of the basis sample, each held by the run's executor
+    (:class:`polca.parallel.ShardedHessian`; one Ray actor per shard with ``--executor ray``)
+    and added in shard order, so the basis is the same whichever executor holds them."""
     cfg = ctx.cfg.basis
-    dtype = DTYPES[cfg.dtype]
+    arithmetic = ctx.arithmetic(cfg.dtype)
+    dtype = model_dtype(arithmetic)
     loss = ctx.loss_in(dtype)
+    reader = ctx.reader(dtype)
+    shards = ctx.cfg.executor.hvp_shards
     steps = ctx.checkpoints.steps
     positions = basis_checkpoint_positions(steps, cfg.every)
     n_vectors = len(positions) * cfg.per_checkpoint
     if cfg.max_vectors is not None:
         n_vectors = min(n_vectors, cfg.max_vectors)
     sample = ctx.basis_sample(cfg.sample_size)
+    # a probe-file task without training sequences fits the basis to its probe: say so
+    sample_source = getattr(getattr(ctx, "task", None), "sample_source", "training data")
     batch_size = ctx.cfg.trajectories.batch_size
-    folder = ctx.run.basis
+    options = algorithm_one_options(cfg, batch_size, n_vectors, arithmetic)
+    run = ctx.run
     built: dict[str, Basis] = {}
 
-    def theta_at(step: int):
-        return lambda: ctx.theta(step).to(dtype)
+    def theta_at(index: int):
+        return lambda: reader(index).to(dtype)
 
-    def last_hessian() -> HessianOperator:
-        return HessianOperator(loss, theta_at(steps[-1])(), sample, batch_size=batch_size,
-                               dtype=dtype)
+    held: list[ShardedHessian] = []
+
+    def hessian_at(theta) -> ShardedHessian:
+        # one checkpoint's shard workers at a time: Algorithm 1 is done with the last ones
+        # when it asks for the next (on a Ray cluster they would otherwise keep their CPUs)
+        while held:
+            held.pop().close()
+        held.append(ShardedHessian(ctx.executor, loss, theta, sample, shards=shards,
+                                   batch_size=batch_size, arithmetic=arithmetic))
+        return held[0]
 
     for kind in cfg.kinds:
-        params = _params(cfg, kind, [steps[i] for i in positions], n_vectors, sample)
-        existing = _existing(folder, kind, loss.space.dim, params)
-        if existing is not None:
-            built[kind] = existing
+        params = {**_params(cfg, kind, [steps[i] for i in positions], n_vectors, arithmetic),
+                  "sample_source": sample_source}
+        user = _user_vectors(cfg, loss.space.dim) if kind == "user" else None
+        inputs = ctx.inputs(
+            "source", "checkpoints", params=params, sample=ctx.sample_sha256(sample),
+            user=None if user is None else run.files_sha256([cfg.user_path]),
+            # shards change the summation order of the products (rounding): an input
+            **({"hvp_shards": shards} if shards > 1 else {}))
+
+        def discard(kind=kind):
+            run.discard_basis(kind)
+            run.discard_basis(kind, partial=True)
+
+        run.refresh(f"basis/{kind}", inputs, discard,
+                    exists=run.has_basis(kind) or run.has_basis(kind, partial=True))
+        if run.has_basis(kind):
+            built[kind] = run.load_basis(kind, dim=loss.space.dim)
+            P.bar(progress, 1, 1, f"basis {kind}", "basis").close()
             continue
         if kind in ("hessian", "shuffled-hessian"):
-            checkpoints = [BasisCheckpoint(i, steps[i], theta_at(steps[i])) for i in positions]
-            basis = _algorithm_one(kind, loss, checkpoints, sample, cfg, params, n_vectors,
-                                   batch_size, folder, progress)
+            checkpoints = [BasisCheckpoint(i, steps[i], theta_at(i)) for i in positions]
+            basis = _algorithm_one(run, kind, loss, checkpoints, sample, options, params,
+                                   progress, hessian_at)
         elif kind == "random":
             basis = bases.random_basis(loss.space.dim, n_vectors, seed=cfg.seed)
         elif kind == "trajectory-pca":
-            thetas = torch.stack([theta.to(torch.float64) for _, theta in ctx.thetas()])
+            thetas = torch.stack([reader(i) for i in range(len(steps))])
             basis = bases.trajectory_pca(thetas, n_vectors)
         else:
-            if cfg.user_path is None:
-                raise BasisError("basis kind 'user' needs basis.user_path: a safetensors file "
-                                 "with 'vectors' [m, d]")
-            basis = bases.user_basis(cfg.user_path, loss.space.dim)
+            basis = bases.user_basis(user, loss.space.dim, source=cfg.user_path)
         if kind in ("random", "trajectory-pca", "user"):
-            basis = bases.with_rayleigh_eigenvalues(basis, last_hessian(), step=steps[-1])
+            basis = bases.with_rayleigh_eigenvalues(
+                basis, hessian_at(theta_at(len(steps) - 1)()), step=steps[-1])
+        while held:
+            held.pop().close()
         basis.params = {**basis.params, **params}
-        basis.save(folder)
-        for suffix in (".json", ".safetensors"):  # json first: a partial is judged by its json
-            (folder / PARTIAL / f"{kind}{suffix}").unlink(missing_ok=True)
-        if (folder / PARTIAL).is_dir() and not any((folder / PARTIAL).iterdir()):
-            (folder / PARTIAL).rmdir()
+        run.save_basis(basis)
+        run.discard_basis(kind, partial=True)
         built[kind] = basis
     return built
 
 
-def _params(cfg, kind: str, basis_steps: list[int], n_vectors: int, sample) -> dict:
-    """What a finished basis must have been built with to be reused."""
-    # the sample fixes the Hessian of every kind (Rayleigh eigenvalues included)
-    common = {"sample_size": cfg.sample_size, "sample_tokens": sample.n_tokens,
-              "dtype": cfg.dtype}
+def _params(cfg, kind: str, basis_steps: list[int], n_vectors: int, arithmetic: str) -> dict:
+    """The settings a basis of ``kind`` depends on (recorded in its json)."""
+    common = {"sample_size": cfg.sample_size, "dtype": arithmetic}
     if kind == "user":
         return {**common, "user_path": cfg.user_path}
     if kind == "random":
@@ -113,61 +149,44 @@ def _params(cfg, kind: str, basis_steps: list[int], n_vectors: int, sample) -> d
             "seed": cfg.seed, "basis_steps": basis_steps}
 
 
-def _existing(folder, name: str, dim: int, params: dict) -> Basis | None:
-    if not (folder / f"{name}.json").is_file():
-        return None
-    basis = Basis.load(folder, name, dim=dim)
-    stale = {k: (basis.params.get(k), v) for k, v in params.items() if basis.params.get(k) != v}
-    if stale:
-        raise StoreError(
-            f"{folder / name}.json was built with other settings ({_describe(stale)}). Delete "
-            f"{folder / name}.json and {folder / name}.safetensors to rebuild it."
-        )
-    return basis
+def _user_vectors(cfg, dim: int) -> torch.Tensor:
+    if cfg.user_path is None:
+        raise BasisError("basis kind 'user' needs basis.user_path: a safetensors file "
+                         "with 'vectors' [m, d]")
+    return read_vectors(cfg.user_path)
 
 
-def _describe(stale: dict) -> str:
-    return ", ".join(f"{k}: {old!r} there, {new!r} now" for k, (old, new) in stale.items())
-
-
-def _algorithm_one(kind, loss, checkpoints, sample, cfg, params, n_vectors, batch_size, folder,
-                   progress) -> Basis:
-    partial_folder = folder / PARTIAL
-    partial = _load_partial(partial_folder, kind, loss.space.dim, params)
-    order = checkpoints
-    if kind == "shuffled-hessian":
-        order = [checkpoints[i] for i in bases.shuffled_order(len(checkpoints), cfg.seed)]
+def _algorithm_one(run, kind, loss, checkpoints, sample, options, params, progress,
+                   make_operator) -> Basis:
+    partial = _load_partial(run, kind, loss.space.dim, params)
     n_done = len({e["checkpoint"] for e in partial.provenance}) if partial else 0
-    n_used = min(len(order), -(-n_vectors // cfg.per_checkpoint))
-    bar = tqdm(total=n_used, initial=n_done, desc=f"basis {kind}", unit="ckpt",
-               disable=not progress)
+    n_used = min(len(checkpoints), -(-options.max_vectors // options.per_checkpoint))
+    bar = P.bar(progress, n_used, n_done, f"basis {kind}", "basis checkpoint")
 
     def save(basis: Basis) -> None:
-        basis.save(partial_folder)
+        run.save_basis(basis, partial=True)
         bar.update(1)
 
     try:
-        return bases.hessian(
-            loss, order, sample, k=cfg.per_checkpoint, tol=cfg.tol, solver=cfg.solver,
-            max_vectors=n_vectors, batch_size=batch_size, dtype=DTYPES[cfg.dtype],
-            seed=cfg.seed, partial=partial, on_checkpoint=save, name=kind, kind=kind,
-            params=params)
+        return bases.hessian(loss, checkpoints, sample, options,
+                             shuffled=kind == "shuffled-hessian", partial=partial,
+                             on_checkpoint=save, params=params, make_operator=make_operator)
     finally:
         bar.close()
 
 
-def _load_partial(folder, name: str, dim: int, params: dict) -> Basis | None:
+def _load_partial(run, name: str, dim: int, params: dict) -> Basis | None:
     """The partial basis of an interrupted run, or None when absent or made with other settings."""
-    if not (folder / f"{name}.json").is_file():
+    if not run.has_basis(name, partial=True):
         return None
     try:
-        partial = Basis.load(folder, name, dim=dim, allow_extra_rows=True)
+        partial = run.load_basis(name, dim=dim, partial=True)
     except (BasisError, StoreError, ValueError) as err:
-        warnings.warn(f"ignoring unreadable partial basis in {folder} ({err}); starting over",
-                      stacklevel=3)
+        warnings.warn(f"ignoring unreadable partial basis {name!r} of {run.root} ({err}); "
+                      "starting over", stacklevel=3)
         return None
     if partial.params != params:
-        warnings.warn(f"partial basis in {folder} was made with other settings; starting over",
-                      stacklevel=3)
+        warnings.warn(f"partial basis {name!r} of {run.root} was made with other settings; "
+                      "starting over", stacklevel=3)
         return None
     return partial

@@ -1,54 +1,50 @@
 """Stage `cluster`: HDBSCAN over every trajectory kind, with break times per cluster.
 
-Writes, per clustering ``NAME`` (``loss``, ``delta_loss``, ``abs_delta_loss``, ``lca``, or
-``<kind>-<basis>`` such as ``polca-hessian``):
-
-* ``clusters/NAME.parquet``: one row per token (per vector and token for projected kinds):
-  [vector,] token, label (≥ 0 cluster, -1 noise, -2 filtered token, -3 dropped vector),
-  break_step (the token's break time, on every token);
-* ``clusters/NAME.breaks.parquet``: per cluster [vector,] cluster, size, break_step (mean of its
-  members), hidden (break_step > τ);
-* ``clusters/NAME.json``: the parameters that reproduce it (written last: its presence with the
-  same parameters marks the clustering done, so a re-run skips it) and per-vector counts.
+For every requested kind of :data:`polca.store.TRAJECTORY_KINDS` whose arrays exist (a kind
+with a basis once per decomposed basis) it writes a clustering ``NAME`` (``loss``,
+``delta_loss``, ``lca``, ``polca-hessian``, ...) through the contract
+(:meth:`polca.store.RunDir.write_clustering`): labels per token (per vector and token for
+kinds with a basis; ≥ 0 cluster, -1 noise, -2 filtered token, -3 dropped vector) with each
+token's break time, a per-cluster table (size, mean break step, hidden), and the parameters
+that reproduce it. A clustering whose inputs (the arrays it reads and its parameters) are
+unchanged is kept.
 """
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pandas as pd
-from tqdm.auto import tqdm
 
 from polca import cluster as C
+from polca import progress as P
 from polca.config import ConfigError
-from polca.store import StoreError, atomic_write_json, atomic_write_parquet
+from polca.store import LOSS, TRAJECTORY_KINDS, StoreError, clustering_name, kind_arrays
 
 
 def run_cluster(ctx, kinds=None, progress: bool = True) -> dict[str, str]:
     """Cluster every requested trajectory kind whose arrays exist; returns name → what happened
-    ("written", "done" when skipped as already done, or why it is missing).
+    ("written", "done" when kept as already done, or why it is missing).
 
-    ``ctx`` needs ``run`` (RunDir), ``cfg`` (RunConfig) and, when the ``loss`` array does not
-    record its steps, ``checkpoints.steps``.
+    ``ctx`` needs ``run`` (RunDir) and ``cfg`` (RunConfig).
     """
     cfg = ctx.cfg.cluster
+    run = ctx.run
     kinds = list(kinds or cfg.trajectories)
-    unknown = [k for k in kinds if k not in C.TRAJECTORY_KINDS]
+    unknown = [k for k in kinds if k not in TRAJECTORY_KINDS]
     if unknown:
         raise ConfigError(f"cluster.trajectories: unknown trajectory kinds {unknown}; choose "
-                          f"from {C.TRAJECTORY_KINDS}")
-    arrays = ctx.run.arrays()
-    loss = arrays.read("loss")
+                          f"from {list(TRAJECTORY_KINDS)}")
+    arrays = run.arrays()
+    loss = arrays.read(LOSS)
     if not np.isfinite(loss).all():
         raise StoreError("array 'loss' holds NaN (unfinished): run `polca trajectories` first")
-    steps = list(arrays.attrs("loss").get("steps") or ctx.checkpoints.steps)
-    if len(steps) != loss.shape[1]:
-        raise StoreError(f"array 'loss' has {loss.shape[1]} checkpoints but the run has "
-                         f"{len(steps)} steps; re-run `polca trajectories`")
+    steps = run.array_steps(LOSS)
+    if steps is None or len(steps) != loss.shape[1]:
+        raise StoreError(f"array 'loss' has {loss.shape[1]} checkpoints but records steps "
+                         f"{steps}; re-run `polca trajectories`")
     n_tokens = loss.shape[0]
     common = {
-        "steps": [int(s) for s in steps], "n_tokens": int(n_tokens),
+        "steps": steps, "n_tokens": int(n_tokens),
         "min_cluster_size": cfg.min_cluster_size or C.default_min_cluster_size(n_tokens),
         "min_samples": cfg.min_samples or "round(clustered tokens / 15)",
         "algorithm": "sklearn.cluster.HDBSCAN(algorithm='brute', metric='euclidean')",
@@ -58,65 +54,63 @@ def run_cluster(ctx, kinds=None, progress: bool = True) -> dict[str, str]:
         "delta": int(cfg.break_delta or C.default_break_delta(steps)),
     }
     status = {}
-    for name, kind, basis, sources in _jobs(arrays, kinds, status):
-        filters = kind in C.LOSS_ALLOCATION_KINDS
+    for name, kind, basis, sources in _jobs(run, kinds, status):
+        spec = TRAJECTORY_KINDS[kind]
         params = dict(common, name=name, kind=kind, basis=basis, sources=list(sources),
-                      mean_filter=bool(cfg.mean_filter and filters),
-                      token_filter=bool(cfg.token_filter and filters))
-        if _done(ctx.run.clusters, name, params):
+                      mean_filter=bool(cfg.mean_filter and spec.allocation),
+                      token_filter=bool(cfg.token_filter and spec.allocation))
+        products = ["trajectories"] + ([f"decompose/{basis or 'lca'}"]
+                                       if spec.source != "loss" else [])
+        inputs = {"params": params, "arrays": {p: run.version(p) for p in products}}
+        if run.is_current(f"cluster/{name}", inputs) and run.has_clustering(name):
             status[name] = "done"
+            P.bar(False, 1, 1, f"cluster {name}", "clustering").close()  # counted, not drawn
             continue
-        if kind in C.EXACT_KINDS:
-            tokens, breaks, info = _cluster_exact(loss, kind, params, cfg.min_samples)
+        run.refresh(f"cluster/{name}", inputs, discard=lambda name=name: run.discard_clustering(
+            name), exists=run.has_clustering(name))
+        if spec.source == "loss":
+            with P.bar(False, 1, 0, f"cluster {name}", "clustering") as bar:
+                tokens, breaks, info = _cluster_exact(loss, kind, params, cfg.min_samples)
+                bar.update()
         else:
-            tokens, breaks, info = _cluster_projected(arrays, name, sources, params,
+            tokens, breaks, info = _cluster_projected(run, name, kind, basis, params,
                                                       cfg.min_samples, progress)
         if tokens["token"].nunique() != n_tokens:
             raise StoreError(f"{name}: the arrays {sources} do not have {n_tokens} tokens")
-        atomic_write_parquet(ctx.run.clusters / f"{name}.parquet", tokens)
-        atomic_write_parquet(ctx.run.clusters / f"{name}.breaks.parquet", breaks)
         hidden = int(breaks["hidden"].sum())
-        atomic_write_json(ctx.run.clusters / f"{name}.json", dict(
+        run.write_clustering(name, tokens, breaks, dict(
             params=params, n_clusters=len(breaks), n_hidden=hidden,
             hidden_fraction=hidden / len(breaks) if len(breaks) else None, **info))
         status[name] = "written"
     for name, why in status.items():
         if why.startswith("missing") and progress:
-            tqdm.write(f"cluster: skipped {name}, {why}")
+            P.say(f"cluster: skipped {name}, {why}")
     return status
 
 
-def _jobs(arrays, kinds, status):
+
+def _jobs(run, kinds, status):
     """(name, kind, basis, source arrays) for each requested kind that has its arrays."""
-    bases = sorted(arrays.group["polca"].group_keys()) if "polca" in arrays.group else []
+    arrays = run.arrays()
+    bases = run.decomposed_bases()
     for kind in kinds:
-        if kind in C.EXACT_KINDS:
-            yield kind, kind, None, ("loss",)
-        elif kind == "lca":
-            if C.LCA_ARRAY in arrays:
-                yield "lca", "lca", None, (C.LCA_ARRAY,)
+        spec = TRAJECTORY_KINDS[kind]
+        if spec.source != "terms":
+            sources = kind_arrays(kind)
+            if all(s in arrays for s in sources):
+                yield kind, kind, None, sources
             else:
-                status["lca"] = f"missing: no array {C.LCA_ARRAY} (run `polca decompose`)"
-        else:
-            found = False
-            for basis in bases:
-                sources = tuple(f"polca/{basis}/{t}" for t in C.PROJECTED_TERMS[kind])
-                if all(s in arrays for s in sources):
-                    found = True
-                    yield f"{kind}-{basis}", kind, basis, sources
-            if not found:
-                status[kind] = (f"missing: no basis has arrays polca/<basis>/"
-                                f"{{{','.join(C.PROJECTED_TERMS[kind])}}} (run `polca decompose`)")
-
-
-def _done(folder, name, params) -> bool:
-    path = folder / f"{name}.json"
-    if not (path.is_file() and (folder / f"{name}.parquet").is_file()):
-        return False
-    try:
-        return json.loads(path.read_text())["params"] == json.loads(json.dumps(params))
-    except (json.JSONDecodeError, KeyError):
-        return False
+                status[kind] = f"missing: no array {sources[0]} (run `polca decompose`)"
+            continue
+        found = False
+        for basis in bases:
+            sources = kind_arrays(kind, basis)
+            if all(s in arrays for s in sources):
+                found = True
+                yield clustering_name(kind, basis), kind, basis, sources
+        if not found:
+            status[kind] = (f"missing: no basis has arrays polca/<basis>/"
+                            f"{{{','.join(spec.terms)}}} (run `polca decompose`)")
 
 
 def _cluster_exact(loss, kind, params, min_samples):
@@ -129,18 +123,18 @@ def _cluster_exact(loss, kind, params, min_samples):
     return tokens, C.cluster_breaks(labels, breaks, params["tau"]), info
 
 
-def _cluster_projected(arrays, name, sources, params, min_samples, progress):
-    first = arrays.group[sources[0]]
-    n_vectors, block = first.shape[0], max(1, first.chunks[0])
+def _cluster_projected(run, name, kind, basis, params, min_samples, progress):
+    arrays = run.arrays()
+    first = kind_arrays(kind, basis)[0]
+    n_vectors, block = arrays.shape(first)[0], max(1, arrays.chunks(first)[0])
     token_frames, break_frames, vectors = [], [], []
-    bar = tqdm(total=n_vectors, desc=f"cluster {name}", unit="vec", disable=not progress)
+    bar = P.bar(progress, n_vectors, 0, f"cluster {name}", "vector")
     for v0 in range(0, n_vectors, block):
-        terms = sum(np.asarray(arrays.group[s][v0:v0 + block], dtype=np.float64)
-                    for s in sources)
-        if not np.isfinite(terms).all():
-            raise StoreError(f"arrays {list(sources)} hold NaN for vectors {v0}..: the decompose "
-                             "stage has not finished; run `polca decompose`")
-        projected = C.cumulate(terms)
+        projected = run.projected(kind, basis, slice(v0, v0 + block))
+        if not np.isfinite(projected).all():
+            raise StoreError(f"arrays {list(kind_arrays(kind, basis))} hold NaN for vectors "
+                             f"{v0}..: the decompose stage has not finished; run "
+                             "`polca decompose`")
         for i, trajectories in enumerate(projected):
             v = v0 + i
             labels, used = C.cluster_projected(

@@ -1,199 +1,193 @@
 """Stage `decompose`: POLCA and its baselines for every basis, interval by interval.
 
-Writes, per basis ``<b>`` in ``basis/``, the arrays of the run-directory contract
-(``polca/<b>/{delta,grad,first,second_exact,second_paper,integrated,fisher}``), then the LCA
-baselines (``lca/top/first``, ``lca/tensors``), one block per interval (per checkpoint for
-``grad``), and a diagnostics summary per basis in ``diagnostics/<b>.json``.
+The stage lists the intervals whose blocks are missing, groups runs of consecutive ones into
+blocks of at most ``executor.block_intervals``, computes each block with the pure kernel
+(:func:`polca.decompose.block_terms`, and :func:`polca.decompose.lca_block_terms` for the LCA
+baselines) through the run's executor, and writes every interval's result through the
+contract as it arrives: per basis ``<b>`` the arrays ``polca/<b>/{delta, grad, first,
+second_exact, second_paper, paper_small, integrated, fisher}`` one block per interval
+(``grad`` per checkpoint: checkpoint c comes from interval c, the last from the last
+interval's end), then ``lca/top/first`` and ``lca/tensors``, and a diagnostics summary per
+basis.
 
-Resumable: a block is recomputed only when its done-marker is missing; every input a missing
-block needs (checkpoint gradients, curvatures, path gradients) is recomputed deterministically
-or read back from the store, so a resumed run writes the same bytes as an uninterrupted one.
+A block task loads its own checkpoints one after the other (:class:`CheckpointReader`; at most
+two are held) and computes the derivatives at a checkpoint shared by two of its intervals
+once. Every checkpoint gets the same derivatives whichever block it falls in, so a resumed or
+fanned-out run writes the same bytes as an uninterrupted one. The driver writes every result:
+it holds the run's lock and the block markers, and workers never need write access to the run
+directory (a block's results are a few arrays ``[vector, token]`` per interval). A basis
+decomposition is recomputed when its inputs change (checkpoints, probe, basis vectors,
+settings).
 """
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from polca import decompose as polca
+from polca import progress as P
 from polca.bases import Basis
-from polca.directional import directional_derivatives, mean_loss_gradient
-from polca.functional import token_losses
-from polca.store import ArrayStore, StoreError, atomic_write_json
+from polca.functional import ProbeBatch, TokenLoss, token_losses
+from polca.precision import arithmetic, model_dtype
+from polca.stages.common import CheckpointReader
+from polca.store import LCA_TENSORS, LCA_TOP, LOSS, TERM_DIMS, StoreError, term_array
 
 # a callback after each finished interval: (array group, interval) — progress hooks and tests
 IntervalHook = Callable[[str, int], None]
+
+
+@dataclass(frozen=True)
+class IntervalBlock:
+    """Consecutive intervals ``first .. last`` (inclusive): checkpoints ``first .. last + 1``."""
+
+    first: int
+    last: int
+
+    @property
+    def intervals(self) -> range:
+        return range(self.first, self.last + 1)
+
+
+def interval_blocks(intervals: list[int], size: int) -> list[IntervalBlock]:
+    """Runs of consecutive ``intervals`` cut into blocks of at most ``size``.
+
+    >>> interval_blocks([0, 1, 2, 5, 6], size=2)
+    [IntervalBlock(first=0, last=1), IntervalBlock(first=2, last=2), IntervalBlock(first=5, last=6)]
+    """
+    blocks: list[IntervalBlock] = []
+    for t in intervals:
+        last = blocks[-1] if blocks else None
+        if last is not None and t == last.last + 1 and t - last.first < size:
+            blocks[-1] = IntervalBlock(last.first, t)
+        else:
+            blocks.append(IntervalBlock(t, t))
+    return blocks
+
+
+def polca_block(reader: CheckpointReader, loss: TokenLoss, basis: Basis, probe: ProbeBatch,
+                options: polca.TermOptions, block: IntervalBlock) -> list[polca.IntervalTerms]:
+    """:func:`polca.decompose.block_terms` of one block, its checkpoints loaded one by one
+    (picklable with :func:`partial`)."""
+    return list(polca.block_terms(loss, reader.stream(block.first, block.last + 1), basis,
+                                  probe, options))
+
+
+def lca_block(reader: CheckpointReader, loss: TokenLoss, top: torch.Tensor, probe: ProbeBatch,
+              options: polca.TermOptions, block: IntervalBlock
+              ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """:func:`polca.decompose.lca_block_terms` of one block."""
+    return list(polca.lca_block_terms(loss, reader.stream(block.first, block.last + 1), top,
+                                      probe, options))
+
+
+def term_options(cfg, arithmetic_name: str | None = None) -> polca.TermOptions:
+    """The kernel's options from the ``decompose`` config section (the model's arithmetic
+    ``arithmetic_name``, default ``decompose.dtype``)."""
+    return polca.TermOptions(
+        curvature=tuple(cfg.curvature), integrated=cfg.integrated,
+        simpson_points=cfg.simpson_points, fisher=cfg.fisher,
+        denominator_tol=cfg.denominator_tol, engine=cfg.engine, batch_size=cfg.batch_size,
+        dtype=arithmetic_name or cfg.dtype)
 
 
 def run_decompose(ctx, progress: bool = True, on_interval: IntervalHook | None = None) -> dict:
     """Decompose every configured basis (default: all in ``basis/``); returns the diagnostics
     summaries by basis name."""
     opts = ctx.cfg.decompose
-    names = opts.basis or sorted(p.stem for p in ctx.run.basis.glob("*.json"))
+    names = opts.basis or ctx.run.basis_names()
     if not names:
         raise StoreError(f"no basis in {ctx.run.basis}: run `polca basis` first")
     steps = list(ctx.checkpoints.steps)
     if len(steps) < 2:
-        raise StoreError(f"decompose needs at least 2 checkpoints, {ctx.run.checkpoints} has "
-                         f"{len(steps)}")
-    dtype = getattr(torch, opts.dtype)
+        raise StoreError(f"decompose needs at least 2 checkpoints, the run has {len(steps)}")
+    options = term_options(opts, ctx.arithmetic(opts.dtype))
+    dtype = model_dtype(options.dtype)
     loss = ctx.loss_in(dtype)
-    thetas = _Thetas(ctx, steps, dtype)
+    reader = ctx.reader(dtype)
     summaries = {}
     for name in names:
-        basis = Basis.load(ctx.run.basis, name, dim=loss.space.dim)
-        summaries[name] = _decompose_basis(ctx, loss, basis, thetas, progress, on_interval)
-        atomic_write_json(ctx.run.root / "diagnostics" / f"{name}.json", summaries[name])
+        basis = ctx.run.load_basis(name, dim=loss.space.dim)
+        summaries[name] = _decompose_basis(ctx, loss, reader, basis, options, progress,
+                                           on_interval)
+        ctx.run.write_diagnostics(name, summaries[name])
     if opts.lca:
-        _lca(ctx, loss, thetas, progress, on_interval)
+        _lca(ctx, loss, reader, options, progress, on_interval)
     return summaries
 
 
-class _Thetas:
-    """Checkpoint parameters in float64 (projections such as δ = ⟨b, Δθ⟩ are formed in
-    float64), checked finite, the last few cached; ``dtype`` is the model's arithmetic."""
-
-    def __init__(self, ctx, steps: list[int], dtype: torch.dtype):
-        self.ctx, self.steps, self.dtype, self.cache = ctx, steps, dtype, {}
-
-    def __getitem__(self, index: int) -> torch.Tensor:
-        if index not in self.cache:
-            theta = self.ctx.theta(self.steps[index]).to(torch.float64)
-            bad = int((~torch.isfinite(theta)).sum())
-            if bad:
-                raise StoreError(f"checkpoint at step {self.steps[index]} has {bad} non-finite "
-                                 "parameters (NaN or inf): the run diverged; drop that checkpoint "
-                                 "or retrain with a lower learning rate")
-            if len(self.cache) >= 3:
-                self.cache.pop(min(self.cache))
-            self.cache[index] = theta
-        return self.cache[index]
-
-    @property
-    def intervals(self) -> int:
-        return len(self.steps) - 1
-
-
-def _decompose_basis(ctx, loss, basis: Basis, thetas: _Thetas, progress: bool,
+def _decompose_basis(ctx, loss, reader: CheckpointReader, basis: Basis,
+                     options: polca.TermOptions, progress: bool,
                      on_interval: IntervalHook | None) -> dict:
-    opts = ctx.cfg.decompose
-    arrays = ctx.run.arrays()
-    vectors64 = basis.vectors.to(device=ctx.device, dtype=torch.float64)
-    vectors = vectors64.to(thetas.dtype)  # tangents in the model's arithmetic
-    m, T, n_tokens = len(basis), thetas.intervals, ctx.probe.n_tokens
-    eigenvalues = _eigenvalues(basis).to(ctx.device) if "paper" in opts.curvature else None
+    run, arrays = ctx.run, ctx.run.arrays()
+    steps = list(reader.steps)
+    m, T, n_tokens = len(basis), len(steps) - 1, ctx.probe.n_tokens
     group = f"polca/{basis.name}"
-    # blocks computed on one basis must never be resumed with another of the same name
-    fingerprint = hashlib.sha256(basis.vectors.cpu().numpy().tobytes()).hexdigest()
-    attrs = {"basis": basis.name, "steps": thetas.steps, "basis_sha256": fingerprint}
-    arrays.require(f"{group}/delta", (m, T), (m, 1), ("vector", "interval"), attrs=attrs)
-    arrays.require(f"{group}/grad", (m, T + 1, n_tokens), (m, 1, n_tokens),
-                   ("vector", "checkpoint", "token"), attrs=attrs)
-    terms = ["first"] + [f"second_{c}" for c in opts.curvature]
-    terms += ["integrated"] * opts.integrated + ["fisher"] * opts.fisher
-    for term in terms:
-        arrays.require(f"{group}/{term}", (m, T, n_tokens), (m, 1, n_tokens),
-                       ("vector", "interval", "token"), attrs=attrs)
-    stored = arrays.attrs(f"{group}/delta").get("basis_sha256")
-    if stored != fingerprint:
-        raise StoreError(
-            f"the arrays under {group} were computed on another basis named {basis.name!r} "
-            f"(basis/{basis.name}.safetensors changed since); delete "
-            f"{ctx.run.root / 'arrays.zarr' / group} and {ctx.run.progress / group} to "
-            "decompose on the new basis")
-    nodes, _ = polca.simpson_nodes(opts.simpson_points)
+    if "paper" in options.curvature:
+        try:
+            polca.eigenvalues(basis)
+        except ValueError as err:
+            raise StoreError(str(err)) from None
+    run.refresh(f"decompose/{basis.name}",
+                ctx.inputs("source", "checkpoints", "probe", basis=run.basis_sha256(basis.name),
+                           dtype=options.dtype, simpson_points=options.simpson_points,
+                           denominator_tol=options.denominator_tol),
+                discard=lambda: arrays.discard(group), exists=bool(arrays.members(group)))
+    names = ["delta", "grad", *options.terms] + ["paper_small"] * ("paper" in options.curvature)
+    attrs = {"basis": basis.name, "steps": steps}
+    for name in names:
+        dims = TERM_DIMS[name]
+        shape = {"vector": m, "interval": T, "checkpoint": T + 1, "token": n_tokens}
+        arrays.require(term_array(basis.name, name), [shape[d] for d in dims],
+                       [m if d == "vector" else 1 if d in ("interval", "checkpoint") else
+                        n_tokens for d in dims], dims,
+                       dtype="bool" if name == "paper_small" else "float64", attrs=attrs)
 
-    def derivatives(theta, order):
-        return directional_derivatives(loss, theta.to(thetas.dtype), vectors, ctx.probe,
-                                       order=order, engine=opts.engine,
-                                       batch_size=opts.batch_size)
+    def missing(t: int) -> bool:
+        ends = [t] + [T] * (t == T - 1)
+        return not (all(arrays.is_done(term_array(basis.name, n), t) for n in names
+                        if n != "grad")
+                    and all(arrays.is_done(term_array(basis.name, "grad"), c) for c in ends))
 
-    checkpoint = _CheckpointDerivatives(arrays, f"{group}/grad", derivatives, thetas,
-                                        needs_curvature=lambda c: "exact" in opts.curvature
-                                        and c < T and not arrays.is_done(f"{group}/second_exact", c))
-    todo = [t for t in range(T) if not all(
-        arrays.is_done(f"{group}/{name}", t) for name in ["delta", *terms]
-    ) or not arrays.is_done(f"{group}/grad", t) or not arrays.is_done(f"{group}/grad", t + 1)]
-    for t in tqdm(todo, desc=f"POLCA {basis.name}", disable=not progress, unit="interval"):
-        theta, theta_next = thetas[t], thetas[t + 1]
-        delta = polca.interval_deltas(theta, theta_next, vectors64)
-        grad, curvature = checkpoint(t)
-        grad_next, _ = checkpoint(t + 1)
-        blocks = {"delta": delta, "first": polca.first_order(grad, delta)}
-        if "exact" in opts.curvature and curvature is not None:
-            blocks["second_exact"] = polca.second_order(curvature, delta)
-        if "paper" in opts.curvature:
-            kappa, _ = polca.paper_curvature(grad, grad_next, eigenvalues, opts.denominator_tol)
-            blocks["second_paper"] = polca.second_order(kappa, delta)
-        if opts.fisher:
-            blocks["fisher"] = polca.fisher(grad)
-        if opts.integrated and not arrays.is_done(f"{group}/integrated", t):
-            step = theta_next - theta
-            inner = [derivatives(theta + float(s) * step, order=1)[0] for s in nodes[1:-1]]
-            blocks["integrated"] = polca.integrated(torch.stack([grad, *inner, grad_next]), delta)
-        for name, block in blocks.items():
-            if arrays.is_done(f"{group}/{name}", t):
-                continue
-            index = (slice(None), t) if name == "delta" else (slice(None), t, slice(None))
-            arrays.write_block(f"{group}/{name}", index, block.cpu().numpy(), key=t)
-        if on_interval is not None:
-            on_interval(group, t)
-    return _diagnostics(ctx, loss, basis, arrays, group, terms, eigenvalues, thetas)
+    todo = [t for t in range(T) if missing(t)]
+    compute = partial(polca_block, reader, loss, basis, ctx.probe, options)
+    bar = P.bar(progress, T, T - len(todo), f"POLCA {basis.name}", "interval")
+    blocks = interval_blocks(todo, ctx.cfg.executor.block_intervals)
+    for block, block_terms in ctx.executor.map(compute, blocks):
+        for t, terms in zip(block.intervals, block_terms):
+            for name, value in terms.arrays().items():
+                _write(arrays, term_array(basis.name, name), t, value)
+            if t == T - 1:
+                _write(arrays, term_array(basis.name, "grad"), T, terms.grad_next)
+            bar.update()
+            if on_interval is not None:
+                on_interval(group, t)
+    bar.close()
+    return _diagnostics(ctx, loss, reader, basis, arrays, options)
 
 
-class _CheckpointDerivatives:
-    """g_x(t) (and κ_x(t) when a missing second-order block needs it) per checkpoint: read from
-    ``grad`` when done and no curvature is needed, else computed (one jvp-of-jvp gives both)."""
-
-    def __init__(self, arrays: ArrayStore, name: str, derivatives, thetas: _Thetas,
-                 needs_curvature: Callable[[int], bool]):
-        self.arrays, self.name, self.derivatives, self.thetas = arrays, name, derivatives, thetas
-        self.needs_curvature = needs_curvature
-        self.cache: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
-
-    def __call__(self, c: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        want_curvature = self.needs_curvature(c)
-        cached = self.cache.get(c)
-        if cached is not None and (cached[1] is not None or not want_curvature):
-            return cached
-        for old in [k for k in self.cache if k < c - 1]:
-            del self.cache[old]
-        if self.arrays.is_done(self.name, c) and not want_curvature:
-            stored = self.arrays.group[self.name][:, c, :]
-            grad = torch.as_tensor(stored).to(self.thetas[c].device)
-            self.cache[c] = (grad, None)
-            return self.cache[c]
-        grad, curvature = self.derivatives(self.thetas[c], order=2 if want_curvature else 1)
-        if not self.arrays.is_done(self.name, c):
-            self.arrays.write_block(self.name, (slice(None), c, slice(None)),
-                                    grad.cpu().numpy(), key=c)
-        self.cache[c] = (grad, curvature)
-        return self.cache[c]
+def _write(arrays, name: str, index: int, value: torch.Tensor) -> None:
+    """One block of ``name`` at interval (or checkpoint) ``index``, unless already done."""
+    if arrays.is_done(name, index):
+        return
+    at = (slice(None), index) + (slice(None),) * (len(arrays.dims(name)) - 2)
+    arrays.write_block(name, at, value.cpu().numpy(), key=index)
 
 
-def _eigenvalues(basis: Basis) -> torch.Tensor:
-    values = [entry.get("eigenvalue") for entry in basis.provenance]
-    missing = [i for i, v in enumerate(values) if v is None]
-    if missing:
-        raise StoreError(
-            f"basis {basis.name!r} has no eigenvalue for vectors {missing[:5]}; the paper "
-            "curvature needs one per vector. Rebuild the basis with `polca basis` (it adds "
-            "Rayleigh quotients), or set decompose.curvature = ['exact']"
-        )
-    return torch.tensor(values, dtype=torch.float64)
-
-
-def _probe_losses(ctx, loss, arrays: ArrayStore, thetas: _Thetas) -> np.ndarray:
+def _probe_losses(ctx, loss, arrays, reader: CheckpointReader,
+                  options: polca.TermOptions) -> np.ndarray:
     """``[token, checkpoint]`` exact losses: the trajectories stage's array, else computed."""
-    if "loss" in arrays and len(arrays.done("loss")) == len(thetas.steps):
-        return arrays.read("loss")
-    columns = [token_losses(loss, thetas[c].to(thetas.dtype), ctx.probe,
-                            ctx.cfg.decompose.batch_size)
-               for c in range(len(thetas.steps))]
+    n = len(reader.steps)
+    if arrays.complete(LOSS, range(n)):
+        return arrays.read(LOSS)
+    dtype = model_dtype(options.dtype)
+    with arithmetic(options.dtype):
+        columns = [token_losses(loss, reader(c).to(dtype), ctx.probe, options.batch_size)
+                   for c in range(n)]
     losses = torch.stack(columns, dim=1).to(torch.float64).cpu().numpy()
     if not np.isfinite(losses).all():
         raise StoreError(f"{int((~np.isfinite(losses)).sum())} non-finite token losses: a "
@@ -201,71 +195,56 @@ def _probe_losses(ctx, loss, arrays: ArrayStore, thetas: _Thetas) -> np.ndarray:
     return losses
 
 
-def _diagnostics(ctx, loss, basis: Basis, arrays: ArrayStore, group: str, terms: list[str],
-                 eigenvalues: torch.Tensor | None, thetas: _Thetas) -> dict:
+def _diagnostics(ctx, loss, reader: CheckpointReader, basis: Basis, arrays,
+                 options: polca.TermOptions) -> dict:
     """Diagnostics from the stored blocks (so a resumed run reports what an uninterrupted one
     would)."""
-    losses = _probe_losses(ctx, loss, arrays, thetas)
+    losses = _probe_losses(ctx, loss, arrays, reader, options)
     diag = polca.DecompositionDiagnostics(len(basis))
-    tol = ctx.cfg.decompose.denominator_tol
-    T = losses.shape[1] - 1
-    for t in range(T):
-        block = {name: torch.as_tensor(arrays.group[f"{group}/{name}"][:, t, :])
-                 for name in terms}
-        grads = arrays.group[f"{group}/grad"][:, t : t + 2, :]
-        small = None
-        if eigenvalues is not None:
-            _, small = polca.paper_curvature(torch.as_tensor(grads[:, 0]),
-                                             torch.as_tensor(grads[:, 1]), eigenvalues, tol)
-        diag.update(t, torch.as_tensor(losses[:, t + 1] - losses[:, t]),
-                    torch.as_tensor(arrays.group[f"{group}/delta"][:, t]), block["first"],
-                    second_exact=block.get("second_exact"), second_paper=block.get("second_paper"),
-                    integrated=block.get("integrated"), small_denominators=small)
-    return {"basis": basis.name, "kind": basis.kind, "steps": list(ctx.checkpoints.steps),
-            "denominator_tol": tol, **diag.summary()}
+
+    def block(name: str, t: int):
+        array = term_array(basis.name, name)
+        return torch.as_tensor(arrays.block(array, (slice(None), t))) if array in arrays \
+            and name in ("delta", "paper_small", *options.terms) else None
+
+    for t in range(len(reader.steps) - 1):
+        diag.update(t, torch.as_tensor(losses[:, t + 1] - losses[:, t]), block("delta", t),
+                    block("first", t), second_exact=block("second_exact", t),
+                    second_paper=block("second_paper", t), integrated=block("integrated", t),
+                    small_denominators=block("paper_small", t))
+    return {"basis": basis.name, "kind": basis.kind, "steps": list(reader.steps),
+            "denominator_tol": options.denominator_tol, **diag.summary()}
 
 
-def _lca(ctx, loss, thetas: _Thetas, progress: bool, on_interval: IntervalHook | None) -> None:
+def _lca(ctx, loss, reader: CheckpointReader, options: polca.TermOptions, progress: bool,
+         on_interval: IntervalHook | None) -> None:
     """Token-level top-k LCA baseline and the aggregate per-tensor LCA (Lan et al. 2020)."""
-    opts = ctx.cfg.decompose
-    arrays = ctx.run.arrays()
+    run, arrays = ctx.run, ctx.run.arrays()
     space = loss.space
-    T, n_tokens = thetas.intervals, ctx.probe.n_tokens
-    top = polca.top_parameters(thetas[T], min(opts.lca_top_parameters, space.dim))
-    attrs = {"steps": thetas.steps, "parameters": top.tolist(),
-             "tensors": [space.tensor_of(i) for i in top.tolist()]}
-    arrays.require("lca/top/first", (len(top), T, n_tokens), (len(top), 1, n_tokens),
-                   ("parameter", "interval", "token"), attrs=attrs)
-    arrays.require("lca/tensors", (len(space.names), T), (len(space.names), 1),
-                   ("tensor", "interval"), attrs={"steps": thetas.steps, "tensors": space.names})
-    nodes, _ = polca.simpson_nodes(opts.simpson_points)
-    endpoint_gradients: dict[int, torch.Tensor] = {}
-
-    def aggregate_gradient(theta):
-        return mean_loss_gradient(loss, theta.to(thetas.dtype), ctx.probe,
-                                  opts.batch_size).to(torch.float64)
-
-    todo = [t for t in range(T) if not (arrays.is_done("lca/top/first", t)
-                                        and arrays.is_done("lca/tensors", t))]
-    for t in tqdm(todo, desc="LCA", disable=not progress, unit="interval"):
-        theta, theta_next = thetas[t], thetas[t + 1]
-        step = theta_next - theta
-        if not arrays.is_done("lca/top/first", t):
-            grad, _ = directional_derivatives(loss, theta.to(thetas.dtype), top.to(theta.device),
-                                              ctx.probe,
-                                              order=1, engine=opts.engine,
-                                              batch_size=opts.batch_size)
-            allocation = polca.first_order(grad, step[top.to(step.device)])
-            arrays.write_block("lca/top/first", (slice(None), t, slice(None)),
-                               allocation.cpu().numpy(), key=t)
-        if not arrays.is_done("lca/tensors", t):
-            for c in (t, t + 1):
-                if c not in endpoint_gradients:
-                    endpoint_gradients[c] = aggregate_gradient(thetas[c])
-            inner = [aggregate_gradient(theta + float(s) * step) for s in nodes[1:-1]]
-            path = torch.stack([endpoint_gradients[t], *inner, endpoint_gradients[t + 1]])
-            per_tensor = polca.lca_per_tensor(path, step, space.slices)
-            arrays.write_block("lca/tensors", (slice(None), t), per_tensor.cpu().numpy(), key=t)
-            endpoint_gradients.pop(t - 1, None)
-        if on_interval is not None:
-            on_interval("lca", t)
+    steps = list(reader.steps)
+    T, n_tokens = len(steps) - 1, ctx.probe.n_tokens
+    k = min(ctx.cfg.decompose.lca_top_parameters, space.dim)
+    run.refresh("decompose/lca",
+                ctx.inputs("source", "checkpoints", "probe", dtype=options.dtype, top=k,
+                           simpson_points=options.simpson_points),
+                discard=lambda: arrays.discard("lca"), exists=bool(arrays.members("lca")))
+    top = polca.top_parameters(reader(T), k)
+    arrays.require(LCA_TOP, (len(top), T, n_tokens), (len(top), 1, n_tokens),
+                   ("parameter", "interval", "token"),
+                   attrs={"steps": steps, "parameters": top.tolist(),
+                          "tensors": [space.tensor_of(i) for i in top.tolist()]})
+    arrays.require(LCA_TENSORS, (len(space.names), T), (len(space.names), 1),
+                   ("tensor", "interval"), attrs={"steps": steps, "tensors": space.names})
+    todo = [t for t in range(T) if not (arrays.is_done(LCA_TOP, t)
+                                        and arrays.is_done(LCA_TENSORS, t))]
+    compute = partial(lca_block, reader, loss, top.cpu(), ctx.probe, options)
+    bar = P.bar(progress, T, T - len(todo), "LCA", "interval")
+    for block, results in ctx.executor.map(compute, interval_blocks(
+            todo, ctx.cfg.executor.block_intervals)):
+        for t, (allocation, per_tensor) in zip(block.intervals, results):
+            _write(arrays, LCA_TOP, t, allocation)
+            _write(arrays, LCA_TENSORS, t, per_tensor)
+            bar.update()
+            if on_interval is not None:
+                on_interval("lca", t)
+    bar.close()

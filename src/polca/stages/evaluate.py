@@ -1,142 +1,220 @@
-"""Stage `evaluate`: every clustering in ``clusters/`` against the probe set's known labels.
+"""Stage `evaluate`: every clustering in the run against the probe set's known labels.
 
-Writes under ``<run>/evaluation/``:
+Writes through the contract (:meth:`polca.store.RunDir.write_evaluation`) the tables
 
-* ``scores.csv``: per clustering, vector and label column: n_clustered, n_clusters,
+* ``scores``: per clustering, vector and label column: n_clustered, n_clusters,
   weighted_purity, max_purity, chance, ari, v_measure (noise and filtered tokens excluded);
-* ``clusters.csv``: per cluster: size, break_step, hidden, and per label column its majority
+* ``clusters``: per cluster: size, break_step, hidden, and per label column its majority
   value and purity;
-* ``carry.csv`` (token tables with ``carry`` and ``place``): the paper's table rows, ours beside
+* ``carry`` (token tables with ``carry`` and ``place``): the paper's table rows, ours beside
   the paper's (``paper_*``; see :mod:`polca.evaluate` for the metric);
-* ``hidden.csv``: per clustering the fraction of clusters with a hidden breakthrough, with τ, Δ
+* ``label-<column>``: the same metric (homogeneity, recall, F1 of the top clusters,
+  :func:`polca.evaluate.label_table`) for every binary label named in ``evaluate.labels``
+  (with its positive value, grouping column and skill groups) and, with
+  ``evaluate.auto_binary``, every other two-valued label column (positive: True / 1, else
+  the rarer value; :func:`polca.evaluate.default_positive`);
+* ``hidden``: per clustering the fraction of clusters with a hidden breakthrough, with τ, Δ
   and the paper's fraction;
-* ``summary.json``: the same tables as records;
-* ``pos_clusters.parquet`` (token tables with POS columns, the text task): every cluster's POS
-  label, top targets and contexts nearest its medoid (:mod:`polca.report.text`).
+
+and, for token tables with POS columns (the text task), every cluster's POS label, top
+targets and contexts nearest its medoid (:func:`pos_cluster_table`). The evaluation is kept
+while the clusterings and labels it was made from are unchanged.
 """
 
 from __future__ import annotations
 
-import json
+import re
 
 import numpy as np
 import pandas as pd
-from tqdm.auto import tqdm
 
+from polca import cluster as C
 from polca import evaluate as E
-from polca.report.text import LABELS_FILE, has_pos, pos_cluster_table
-from polca.store import StoreError, atomic_write_bytes, atomic_write_json, atomic_write_parquet
+from polca import progress as P
+from polca.config import BinaryLabelConfig, ConfigError
+from polca.label import POS_COLUMNS, cluster_labels, has_pos
+from polca.store import LOSS, TRAJECTORY_KINDS, StoreError
 
-NOT_LABELS = ("token", "sequence", "position", "target", "text", "context")
-MAX_LABEL_VALUES = 100
+POS_TABLE_COLUMNS = ["name", "kind", "basis", "vector", "cluster", "size", "break_step",
+                     "hidden", "label", "simple", "pattern", "top_targets", "top_target_counts",
+                     "medoid", "examples", "example_contexts", "example_targets"]
 
 
 def run_evaluate(ctx, labels=None, progress: bool = True) -> dict[str, pd.DataFrame]:
     """Evaluate all clusterings of the run; returns and writes the tables (see module doc).
 
-    ``labels``: the token-table columns to score; default the task's ``label_columns``, else
-    every bool/int/string column with 2..100 distinct values.
+    ``labels``: the token-table columns to score; default the run's label columns
+    (:meth:`polca.store.RunDir.label_columns`).
     """
-    tokens = ctx.run.read_tokens()
-    columns = _label_columns(tokens, labels, getattr(getattr(ctx, "task", None),
-                                                     "label_columns", None))
-    results = sorted(p for p in ctx.run.clusters.glob("*.json"))
-    if not results:
-        raise StoreError(f"no clusterings in {ctx.run.clusters}: run `polca cluster` first")
+    run = ctx.run
+    tokens = run.read_tokens()
+    columns = _label_columns(run, tokens, labels)
+    names = run.clustering_names()
+    if not names:
+        raise StoreError(f"no clusterings in {run.clusters}: run `polca cluster` first")
     top = ctx.cfg.cluster.top_clusters
+    examples = ctx.cfg.report.examples_per_cluster
+    addition = ctx.cfg.task.kind == "addition"
+    paper_carry = {"carry", "place"} <= set(tokens.columns)
+    binary = binary_labels(tokens, columns, ctx.cfg.evaluate, paper_carry)
+    inputs = {"clusterings": {n: run.version(f"cluster/{n}") for n in names},
+              "probe": run.probe_sha256(), "labels": columns, "top": top,
+              "examples": examples if has_pos(tokens) else None, "addition": addition,
+              **({"binary": [b.model_dump(mode="json") for b in binary]} if binary else {})}
+    if run.is_current("evaluate", inputs) and run.has_evaluation():
+        P.bar(progress, len(names), len(names), "evaluate", "clustering").close()
+        return run.read_evaluation()
+    run.refresh("evaluate", inputs, discard=run.discard_evaluation,
+                exists=run.has_evaluation() or bool(run.evaluation_names()))
     scores, clusters, carry, hidden = [], [], [], []
-    for path in tqdm(results, desc="evaluate", unit="clustering", disable=not progress):
-        meta = json.loads(path.read_text())
+    positives = {b.column: _positive(tokens, b) for b in binary}
+    by_label: dict[str, list[pd.DataFrame]] = {b.column: [] for b in binary}
+    bar = P.bar(progress, len(names), 0, "evaluate", "clustering")
+    for name in names:
+        clustering = run.read_clustering(name)
         # the paper's numbers are for its addition task only: other tasks get no paper column
-        params = dict(meta["params"], addition=ctx.cfg.task.kind == "addition")
-        name = params["name"]
-        assigned = pd.read_parquet(path.with_suffix(".parquet"))
-        breaks = pd.read_parquet(path.with_name(f"{name}.breaks.parquet"))
-        per_vector = "vector" in assigned.columns
-        by_vector = _labels_by_vector(assigned, len(tokens), name)
+        params = dict(clustering.params, addition=addition)
+        per_vector = "vector" in clustering.frame.columns
+        by_vector = clustering.labels_by_vector(len(tokens))
         head = {"name": name, "kind": params["kind"], "basis": params["basis"]}
         for vector, lab in by_vector.items():
             for column in columns:
                 scores.append(dict(head, vector=vector, label=column,
                                    **E.label_scores(lab, tokens[column].to_numpy())))
-            clusters.append(_cluster_rows(head, vector, lab, breaks, tokens, columns))
+            clusters.append(_cluster_rows(head, vector, lab, clustering.breaks, tokens,
+                                          columns))
+        meta = clustering.info
         hidden.append(dict(head, n_clusters=meta["n_clusters"], n_hidden=meta["n_hidden"],
                            hidden_fraction=meta["hidden_fraction"], tau=params["tau"],
                            delta=params["delta"],
                            paper=_paper(params, "hidden_fraction")))
-        if {"carry", "place"} <= set(tokens.columns):
+        if paper_carry:
             table = E.carry_table(by_vector, tokens["carry"].to_numpy(),
                                   tokens["place"].to_numpy(), top=top, per_vector=per_vector)
             carry.append(_with_paper(table, head, params))
+        for b in binary:
+            group = None if b.group is None else tokens[b.group].to_numpy()
+            table = E.label_table(by_vector, positives[b.column], group,
+                                  skill_groups=b.skill_groups, top=top, per_vector=per_vector)
+            by_label[b.column].append(table.assign(
+                **head, label=b.column, positive=str(b.positive), group=b.group))
+        bar.update()
+    bar.close()
     tables = {
         "scores": pd.DataFrame(scores),
         "clusters": pd.concat(clusters, ignore_index=True) if clusters else pd.DataFrame(),
-        "carry": pd.concat(carry, ignore_index=True) if carry else pd.DataFrame(),
         "hidden": pd.DataFrame(hidden),
     }
-    folder = ctx.run.evaluation
-    for key, frame in tables.items():
-        atomic_write_bytes(folder / f"{key}.csv", frame.to_csv(index=False).encode())
-    atomic_write_json(folder / "summary.json", {
-        key: json.loads(frame.to_json(orient="records")) for key, frame in tables.items()})
-    if has_pos(tokens):
-        atomic_write_parquet(folder / LABELS_FILE, pos_cluster_table(
-            ctx.run.root, ctx.cfg.report.examples_per_cluster))
+    if carry:  # the paper's carry table: only for tokens labelled with carry and place
+        tables["carry"] = pd.concat(carry, ignore_index=True)
+    for b in binary:
+        tables[label_table_name(b.column)] = pd.concat(by_label[b.column], ignore_index=True)
+    run.write_evaluation(tables, pos_cluster_table(run, examples) if has_pos(tokens) else None)
     return tables
 
 
-def format_tables(tables: dict[str, pd.DataFrame]) -> str:
-    """The evaluation as plain text for the CLI: paper table, hidden breakthroughs, and per
-    clustering and label the scores averaged over its vectors."""
-    parts = []
-    carry = tables.get("carry")
-    if carry is not None and len(carry):
-        parts.append(E.format_table(
-            carry[["name", "rank", "vector", "cluster", "size", "homogeneity", "paper_homogeneity",
-                   "recall", "paper_recall", "f1", "paper_f1"]],
-            "Carry clusters (paper Appendix G metric; paper_* = the paper's addition values)"))
-    hidden = tables.get("hidden")
-    if hidden is not None and len(hidden):
-        parts.append(E.format_table(
-            hidden[["name", "n_clusters", "n_hidden", "hidden_fraction", "paper", "tau",
-                    "delta"]],
-            "Hidden breakthroughs (cluster mean break step > tau)"))
-    scores = tables.get("scores")
-    if scores is not None and len(scores):
-        summary = (scores.dropna(subset=["ari"])
-                   .groupby(["name", "label"], sort=False)[
-                       ["weighted_purity", "chance", "ari", "v_measure", "n_clusters"]]
-                   .mean().reset_index())
-        parts.append(E.format_table(summary, "Agreement with labels (mean over vectors; noise "
-                                             "and filtered tokens excluded)"))
-    return "\n".join(parts)
+def label_table_name(column: str) -> str:
+    """The evaluation table of a binary label: ``label-<column>`` (characters other than
+    letters, digits, ``_``, ``-`` and ``.`` replaced by ``_``).
+
+    >>> label_table_name("is copy")
+    'label-is_copy'
+    """
+    return "label-" + re.sub(r"[^\w.-]", "_", column)
 
 
-def _label_columns(tokens: pd.DataFrame, labels, task_labels) -> list[str]:
-    if labels is not None:
-        missing = [c for c in labels if c not in tokens.columns]
+def binary_labels(tokens: pd.DataFrame, columns: list[str], cfg,
+                  paper_carry: bool = False) -> list[BinaryLabelConfig]:
+    """The binary labels to score: those of ``evaluate.labels`` (checked against the probe
+    tokens: a :class:`ConfigError` names a missing column or a label without a clear positive
+    value) and, with ``evaluate.auto_binary``, every other two-valued column of ``columns``
+    with its :func:`~polca.evaluate.default_positive` (``carry`` is left to the paper's carry
+    table when ``paper_carry``)."""
+    named = []
+    for spec in cfg.labels:
+        missing = [c for c in (spec.column, spec.group) if c is not None and c not in tokens]
         if missing:
-            raise StoreError(f"label columns {missing} are not in tokens.parquet (has "
-                             f"{list(tokens.columns)})")
-        return list(labels)
-    if task_labels:
-        return [c for c in task_labels if c in tokens.columns]
-    return [c for c in tokens.columns if c not in NOT_LABELS
-            and (tokens[c].dtype == bool or pd.api.types.is_integer_dtype(tokens[c])
-                 or pd.api.types.is_string_dtype(tokens[c]))
-            and 2 <= tokens[c].nunique() <= MAX_LABEL_VALUES]
+            raise ConfigError(f"evaluate.labels names columns {missing} that the probe tokens "
+                              f"lack (label columns: {columns}); fix the name or the probe file")
+        _positive(tokens, spec)
+        named.append(spec)
+    if cfg.auto_binary:
+        taken = {spec.column for spec in named} | ({"carry"} if paper_carry else set())
+        for column in columns:
+            if column not in taken and E.is_binary(tokens[column]):
+                named.append(BinaryLabelConfig(
+                    column=column, positive=_plain(E.default_positive(tokens[column]))))
+    return named
 
 
-def _labels_by_vector(assigned: pd.DataFrame, n_tokens: int, name: str) -> dict:
-    groups = assigned.groupby("vector") if "vector" in assigned.columns else [(None, assigned)]
-    out = {}
-    for vector, frame in groups:
-        frame = frame.sort_values("token")
-        if not np.array_equal(frame["token"].to_numpy(), np.arange(n_tokens)):
-            raise StoreError(f"clusters/{name}.parquet does not cover the {n_tokens} probe "
-                             "tokens (probe set changed?); delete it and run `polca cluster`")
-        out[None if vector is None else int(vector)] = frame["label"].to_numpy()
-    return out
+def _plain(value):
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def _positive(tokens: pd.DataFrame, spec: BinaryLabelConfig) -> np.ndarray:
+    """``[tokens]`` 1 / 0 / NaN of a binary label; a label that is not binary, or has no
+    obvious positive value, is a :class:`ConfigError` naming the setting."""
+    try:
+        return E.binary_label(tokens[spec.column], positive=spec.positive)
+    except ValueError as err:
+        raise ConfigError(f"evaluate.labels: column {spec.column!r}: {err} (set positive = "
+                          "the value that marks the skill)") from None
+
+
+def pos_cluster_table(run, examples: int = 10) -> pd.DataFrame:
+    """One row per cluster of every clustering of ``run`` (a :class:`~polca.store.RunDir`;
+    per vector for kinds with a basis), with the clustering's ``name``, ``kind``, ``basis``,
+    ``vector`` (-1 for kinds without one), the cluster's ``size``, mean ``break_step`` and
+    ``hidden`` flag from the cluster stage, and the columns of
+    :func:`polca.label.cluster_labels` (``label``, ``simple``, ``pattern`` as "|"-joined tag
+    sets, ``top_targets``, ``examples``, ...), computed on the trajectories that were clustered.
+
+    Raises ValueError when the probe tokens have no POS columns.
+    """
+    tokens = run.read_tokens()
+    if not has_pos(tokens):
+        raise ValueError(f"the probe tokens of {run.root} have no POS columns {POS_COLUMNS}: "
+                         "they come from the text task with task.options.pos_tags = true")
+    loss = run.arrays().read(LOSS)
+    frames = []
+    for clustering in run.read_clusterings()[0]:
+        kind = clustering.kind
+        for vector in clustering.vectors():
+            labels = clustering.labels(vector, len(tokens))
+            if not (labels >= 0).any():
+                continue
+            if TRAJECTORY_KINDS[kind].source == "loss":
+                trajectories = C.exact_trajectories(loss, kind)
+            else:
+                trajectories = run.projected(kind, clustering.basis, slice(vector, vector + 1))[0].T
+            table = cluster_labels(tokens, labels, trajectories, n_examples=examples)
+            table = table.assign(pattern=[" ".join("|".join(s) for s in p)
+                                          for p in table["pattern"]])
+            table = _with_breaks(table, clustering.breaks_of(vector))
+            frames.append(table.assign(name=clustering.name, kind=kind, basis=clustering.basis,
+                                       vector=-1 if vector is None else int(vector)))
+    if not frames:
+        return pd.DataFrame(columns=POS_TABLE_COLUMNS)
+    return pd.concat(frames, ignore_index=True)[POS_TABLE_COLUMNS]
+
+
+def _with_breaks(table: pd.DataFrame, breaks: pd.DataFrame | None) -> pd.DataFrame:
+    if breaks is None:
+        return table.assign(break_step=np.nan, hidden=False)
+    return table.assign(break_step=table["cluster"].map(breaks["break_step"]),
+                        hidden=table["cluster"].map(breaks["hidden"]).fillna(False)
+                        .astype(bool))
+
+
+
+def _label_columns(run, tokens: pd.DataFrame, labels) -> list[str]:
+    if labels is None:
+        return run.label_columns(tokens)
+    missing = [c for c in labels if c not in tokens.columns]
+    if missing:
+        raise StoreError(f"label columns {missing} are not in the probe tokens (has "
+                         f"{list(tokens.columns)})")
+    return list(labels)
 
 
 def _cluster_rows(head, vector, labels, breaks, tokens, columns) -> pd.DataFrame:

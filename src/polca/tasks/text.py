@@ -40,7 +40,6 @@ import torch
 
 from polca.corpus import CorpusError, find_wiki_wheel, hf_documents, read_documents, wiki_corpus
 from polca.functional import ProbeBatch
-from polca.store import atomic_write_bytes
 
 SEPARATOR = "<|endoftext|>"
 TOKENIZER_FILE = "tokenizer.json"
@@ -74,7 +73,7 @@ def _tokenizers():
         import tokenizers
     except ImportError:
         raise RuntimeError("the text task needs Hugging Face `tokenizers`: "
-                           "pip install 'polca[text]'") from None
+                           "pip install 'polca-breakthroughs[text]'") from None
     return tokenizers
 
 
@@ -213,7 +212,7 @@ class TextTask:
     @classmethod
     def from_config(cls, cfg, root=None) -> TextTask:
         """Build from ``cfg.task.options`` (keys and defaults: :data:`OPTIONS`). With a run
-        directory ``root`` the tokenizer is saved there and reused when it exists."""
+        directory ``root`` the tokenizer saved there (:meth:`run_files`) is reused."""
         unknown = sorted(set(cfg.task.options) - set(OPTIONS))
         if unknown:
             raise ValueError(f"task.options has unknown keys {unknown}; the text task knows "
@@ -234,9 +233,12 @@ class TextTask:
             pos_tags=bool(o["pos_tags"]), spacy_model=o["spacy_model"],
             context_chars=int(o["context_chars"]), separator=o["separator"],
         )
-        if saved is not None and not saved.is_file():
-            atomic_write_bytes(saved, task.tokenizer.to_str().encode())
         return task
+
+    def run_files(self) -> dict[str, bytes]:
+        """Files the run directory keeps for this task: the tokenizer, so that a reopened run
+        encodes with the one it was trained with (:meth:`from_config` reads it back)."""
+        return {TOKENIZER_FILE: self.tokenizer.to_str().encode()}
 
     # -- streams ---------------------------------------------------------------------------------
     @cached_property
