@@ -13,7 +13,7 @@ order) and bᵀ∇²ℓ_x b (exact second order) in these ways, in one process, 
            jvp / jvp-of-jvp, in chunks of about FORWARD_CHUNK_POSITIONS positions × vectors;
   reverse  ``engine="reverse"``: per-sample gradients projected (forward-over-reverse for
            second order);
-  jet      ``engine="jet"``: Taylor-mode propagation of all vectors at once (``polca.jet``).
+  jet      ``engine="jet"``: Taylor-mode propagation of all vectors at once (``polca.models.jet``).
 
 Beside the seconds: FLOPs counted with ``torch.utils.flop_counter.FlopCounterMode`` (matrix
 products only, as that counter does; on a subset of sequences, scaled per token) in units of
@@ -53,8 +53,8 @@ from polca.directional import (
     jet_chunks,
 )
 from polca.functional import ModuleTokenLoss, ProbeBatch, token_losses
-from polca.jet import token_loss_jet
 from polca.models.decoder import Decoder, DecoderConfig
+from polca.models.jet import token_loss_jet
 
 SHAPES = {  # configs/demo-addition.toml's model, and the paper's (3 layers, width 512)
     "demo": {"n_layers": 2, "d_model": 64, "d_mlp": 256, "sequences": 1250,
@@ -153,7 +153,7 @@ def timed(fn, repeat_below=20.0):
 
 
 def flops(fn) -> int:
-    # polca.jet accumulates with in-place baddbmm_, which the counter's table lacks
+    # polca.models.jet accumulates with in-place baddbmm_, which the counter's table lacks
     def baddbmm_flop(self_shape, a_shape, b_shape, out_shape=None, **kwargs):
         return bmm_flop(a_shape, b_shape)
 
@@ -375,8 +375,7 @@ def shipped_configs(root="configs"):
     from pathlib import Path
 
     from polca.config import load_config
-    from polca.stages.common import build_model
-    from polca.tasks import make_task
+    from polca.sources import open_source
 
     for path in sorted(Path(root).glob("*.toml")):
         cfg = load_config(path)
@@ -389,8 +388,8 @@ def shipped_configs(root="configs"):
             ids = torch.randint(0, vocab, (2, length), generator=torch.Generator().manual_seed(0))
             batch = ProbeBatch(ids, torch.roll(ids, -1, 1), torch.ones_like(ids, dtype=torch.bool))
         else:
-            task = make_task(cfg)
-            decoder = build_model(cfg, task).cfg
+            source, task = open_source(cfg)
+            decoder = source.build_model().cfg
             batch = task.basis_sample(16)
         yield path.stem, decoder, batch
 

@@ -14,12 +14,11 @@ from oracles import orthonormal, token_gradients, token_hessians
 from torch.func import jvp
 
 from polca.config import load_config
-from polca.directional import directional_derivatives, jet_chunks
+from polca.directional import directional_derivatives, jet_chunks, jet_engine
 from polca.functional import ModuleTokenLoss, ProbeBatch, next_token_losses
-from polca.jet import supports, token_loss_jet
 from polca.models.decoder import Decoder, DecoderConfig
-from polca.stages.common import build_model
-from polca.tasks import make_task
+from polca.models.jet import token_loss_jet
+from polca.sources import open_source
 
 
 def tiny_model(attention="softmax", tied=False, n_layers=2, seed=0):
@@ -64,7 +63,7 @@ VARIANTS = {
 def test_jet_matches_autograd_gradients_and_dense_hessians(variant):
     model = tiny_model(**VARIANTS[variant])
     loss = ModuleTokenLoss(model)
-    assert supports(loss)
+    assert loss.module.jet_engine(loss) is not None
     batch = mixed_batch()
     theta = loss.space.flatten(dict(model.named_parameters())).detach()
     V = orthonormal(loss.space.dim, 3)
@@ -117,8 +116,8 @@ def shipped_model_and_probe(name):
                                       cfg.model.attention))
         ids = torch.randint(0, vocab, (3, length), generator=torch.Generator().manual_seed(0))
         return model, ProbeBatch(ids, torch.roll(ids, -1, 1), torch.ones_like(ids).bool())
-    task = make_task(cfg)
-    return build_model(cfg, task), task.basis_sample(24)
+    source, task = open_source(cfg)
+    return source.build_model(), task.basis_sample(24)
 
 
 @pytest.mark.parametrize("name", ["demo-addition", "demo-text", "plateau-mws"])
@@ -187,10 +186,10 @@ def test_only_the_built_in_decoder_with_cross_entropy_is_supported():
     def another_loss(logits, batch):
         return 2 * next_token_losses(logits, batch)
 
-    assert supports(ModuleTokenLoss(model))
-    assert not supports(ModuleTokenLoss(model, loss_fn=another_loss))
-    assert not supports(Subclass(model))
-    assert not supports(ModuleTokenLoss(torch.nn.Sequential(torch.nn.Embedding(9, 4))))
+    assert jet_engine(ModuleTokenLoss(model)) is not None
+    assert jet_engine(ModuleTokenLoss(model, loss_fn=another_loss)) is None
+    assert jet_engine(Subclass(model)) is None
+    assert jet_engine(ModuleTokenLoss(torch.nn.Sequential(torch.nn.Embedding(9, 4)))) is None
     loss = ModuleTokenLoss(model, loss_fn=another_loss)
     theta = loss.space.flatten(dict(model.named_parameters())).detach()
     V = orthonormal(loss.space.dim, 2)

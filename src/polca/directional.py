@@ -2,10 +2,10 @@
 
 Three engines compute the same numbers along different computational paths:
 
-* ``jet`` (the built-in decoder only, :func:`polca.jet.supports`): second-order Taylor-mode
-  propagation of all m directions at once through the decoder's primitives
-  (:mod:`polca.jet`); both orders cost about (1 + 4m) forward passes of arithmetic, the first
-  alone (1 + 2m), in batched matrix products. Memory O(chunk × m), chunks sized by
+* ``jet`` (a module that offers one, :func:`jet_engine`: the built-in decoder): second-order
+  Taylor-mode propagation of all m directions at once through the decoder's primitives
+  (:mod:`polca.models.jet`); both orders cost about (1 + 4m) forward passes of arithmetic, the
+  first alone (1 + 2m), in batched matrix products. Memory O(chunk × m), chunks sized by
   :func:`jet_chunks`.
 * ``forward`` (any token loss): ``torch.func.jvp`` over all tokens of a chunk at once,
   ``vmap``-ped over a chunk of directions (a loop over them when the loss cannot be vmapped);
@@ -54,7 +54,6 @@ from typing import Literal
 import torch
 from torch.func import jacrev, jvp, vmap
 
-from polca import jet
 from polca.functional import ProbeBatch, TokenLoss
 
 Engine = Literal["auto", "jet", "forward", "reverse"]
@@ -101,7 +100,7 @@ def engine_costs(n_directions: int, tokens_per_sequence: float, order: int,
 def choose_engine(n_directions: int, tokens_per_sequence: float, order: int,
                   jet: bool = False) -> str:
     """The engine with the lowest modelled cost (:func:`engine_costs`); ``jet`` says whether
-    the token loss is the built-in decoder (:func:`polca.jet.supports`).
+    the token loss has a jet (:func:`jet_engine`: the built-in decoder).
 
     >>> choose_engine(10, 4, order=2, jet=True), choose_engine(10, 4, order=2)
     ('jet', 'forward')
@@ -143,7 +142,7 @@ def directional_derivatives(
         vᵀ∇²ℓ_x(θ)v (``None`` when ``order == 1``).
     """
     _check_inputs(loss, theta, directions, order, engine, batch_size)
-    has_jet = jet.supports(loss)
+    has_jet = jet_engine(loss) is not None
     if engine == "jet" and not has_jet:
         raise ValueError(
             f"engine='jet' needs the built-in Decoder with next-token cross-entropy "
@@ -218,9 +217,19 @@ def _over_chunks(run, theta, tangents, batch: ProbeBatch, order: int, sequences:
     return first, second
 
 
+def jet_engine(loss: TokenLoss):
+    """The Taylor-mode pass ``(theta, tangents, batch, order) -> Jet`` that the token loss's
+    module offers for it (``module.jet_engine(loss)``; the built-in decoder's is
+    :mod:`polca.models.jet`), or None: the kernel never imports a model."""
+    offer = getattr(getattr(loss, "module", None), "jet_engine", None)
+    return offer(loss) if callable(offer) else None
+
+
 def _jet(loss, theta, tangents, batch, order, batch_size, memory_budget):
+    taylor = jet_engine(loss)
+
     def run(rows, chunk):
-        out = jet.token_loss_jet(loss, theta, _dense(rows), chunk, order)
+        out = taylor(theta, _dense(rows), chunk, order)
         return out.first, out.second
 
     sequences, directions = jet_chunks(loss.module.cfg, batch, len(tangents), order, theta,

@@ -13,8 +13,9 @@ scored position (attention is causal), the last block's queries, MLP and the hea
 scored columns, and logits exist only at scored tokens.
 
 The propagation mirrors :class:`polca.models.decoder.Decoder` operation by operation (same
-primal arithmetic, so the same token losses); :func:`supports` says whether a token loss is that
-decoder with next-token cross-entropy. Anything else goes through the generic engines of
+primal arithmetic, so the same token losses); :meth:`Decoder.jet_engine
+<polca.models.decoder.Decoder.jet_engine>` says whether a token loss is that decoder with
+next-token cross-entropy (this module imports no model: the decoder imports it). Anything else goes through the generic engines of
 :mod:`polca.directional`.
 
 Example:
@@ -44,8 +45,7 @@ from dataclasses import dataclass
 import torch
 from torch.nn import functional as F
 
-from polca.functional import ModuleTokenLoss, ProbeBatch, next_token_losses
-from polca.models.decoder import Block, CausalSelfAttention, Decoder, LayerNorm
+from polca.functional import ModuleTokenLoss, ProbeBatch
 
 # (value [*shape], tangent [m, *shape] or None for a parameter held fixed)
 Param = tuple[torch.Tensor, "torch.Tensor | None"]
@@ -74,27 +74,6 @@ class Jet:
                    None if self.second is None else fn(self.second))
 
 
-def supports(loss) -> bool:
-    """True when ``loss`` is :class:`~polca.functional.ModuleTokenLoss` of the built-in
-    :class:`~polca.models.decoder.Decoder` with next-token cross-entropy, exactly the
-    computation :func:`token_loss_jet` reproduces (subclasses, other modules and other loss
-    functions are not: they may compute something else).
-
-    >>> from polca.models.decoder import Decoder, DecoderConfig
-    >>> model = Decoder(DecoderConfig(vocab_size=5, context_length=4, d_model=4, n_heads=1))
-    >>> supports(ModuleTokenLoss(model)), supports(ModuleTokenLoss(model, loss_fn=lambda z, b: z))
-    (True, False)
-    """
-    if type(loss) is not ModuleTokenLoss or loss.loss_fn is not next_token_losses:
-        return False
-    module = loss.module
-    if type(module) is not Decoder or type(module.ln_final) is not LayerNorm:
-        return False
-    return all(type(b) is Block and type(b.attn) is CausalSelfAttention
-               and type(b.ln_attn) is LayerNorm and type(b.ln_mlp) is LayerNorm
-               for b in module.blocks)
-
-
 def token_loss_jet(
     loss: ModuleTokenLoss, theta: torch.Tensor, tangents: torch.Tensor, batch: ProbeBatch,
     order: int = 2,
@@ -102,7 +81,7 @@ def token_loss_jet(
     """Token losses and their first (and second) derivatives along every row of ``tangents``.
 
     Args:
-        loss: a token loss for which :func:`supports` holds.
+        loss: a token loss for which ``Decoder.jet_engine`` offers this pass.
         theta: ``[d]`` parameters (the arithmetic is done in its dtype).
         tangents: ``[m, d]`` directions (one chunk: memory grows with m × sequences).
         batch: probe sequences (one chunk).
@@ -114,7 +93,7 @@ def token_loss_jet(
     """
     if order not in (1, 2):
         raise ValueError(f"order must be 1 or 2, got {order}")
-    module: Decoder = loss.module
+    module = loss.module  # the built-in Decoder
     m = tangents.shape[0]
     if batch.input_ids.shape[1] > module.cfg.context_length:
         raise ValueError(f"sequence length {batch.input_ids.shape[1]} exceeds context "
@@ -258,7 +237,7 @@ def _product(a: Jet, b: Jet) -> Jet:
     return Jet(value, first, second)
 
 
-def _attention(x: Jet, params: dict, prefix: str, attn: CausalSelfAttention,
+def _attention(x: Jet, params: dict, prefix: str, attn: torch.nn.Module,
                queries: torch.Tensor | None) -> Jet:
     """Causal self-attention of ``x [batch, seq, width]``; outputs at ``queries`` (all positions
     when None)."""
@@ -300,7 +279,7 @@ def _softmax(scores: Jet, mask: torch.Tensor) -> Jet:
     return Jet(p, first, second)
 
 
-def _block(x: Jet, params: dict, prefix: str, block: Block,
+def _block(x: Jet, params: dict, prefix: str, block: torch.nn.Module,
            queries: torch.Tensor | None) -> Jet:
     """Pre-LN block ``x + attn(ln(x))`` then ``x + mlp_out(gelu(mlp_in(ln(x))))``."""
     attended = _attention(_layer_norm(x, params, prefix + "ln_attn.", block.ln_attn.eps),
