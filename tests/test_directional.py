@@ -86,7 +86,7 @@ def test_auto_picks_the_jet_for_the_decoder_and_reverse_for_many_first_order_dir
     assert choose_engine(10, 4, order=1, jet=True) == "jet"
     assert choose_engine(8, 4, order=2) == "forward"
     assert choose_engine(1, 4, order=1) == "forward"
-    assert choose_engine(50, 4, order=1) == "reverse"
+    assert choose_engine(100, 4, order=1) == "reverse"
     assert choose_engine(200, 4, order=1, jet=True) == "reverse"
 
 

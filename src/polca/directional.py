@@ -58,16 +58,18 @@ from polca.functional import ProbeBatch, TokenLoss
 
 Engine = Literal["auto", "jet", "forward", "reverse"]
 
-# Cost model per probe sequence, in units of one forward pass over that sequence (the constants
-# are measured by benchmarks/bench_decompose.py; docs/benchmarks.md has the run):
-# * jet: JET_COST[order] = (a, b) costs a + b·m for m directions;
+# Cost model per probe sequence, in units of one forward pass over that sequence, measured by
+# `benchmarks/bench_decompose.py` (docs/benchmarks.md, "POLCA per interval", has the run):
+# * jet: JET_COST[order] = (a, b) costs a + b·m for m directions (the fit's negative intercept
+#   says the per-direction cost falls as chunks fill: 20 passes at m = 10, 123 at m = 50);
 # * forward: FORWARD_COST[order] per direction (one jvp, or one jvp-of-jvp);
 # * reverse: REVERSE_GRADIENT_COST per scored token for the per-sample gradients, plus
-#   REVERSE_HVP_COST per scored token and direction for the second order.
-JET_COST = {1: (1.0, 1.5), 2: (1.0, 2.5)}
-FORWARD_COST = {1: 3.0, 2: 10.0}
-REVERSE_GRADIENT_COST = 15.0
-REVERSE_HVP_COST = 30.0
+#   REVERSE_HVP_COST per scored token and direction for the second order (the paper shape's,
+#   the larger: per-sample gradients are memory-bound and cost more per pass as d grows).
+JET_COST = {1: (1.56, 1.01), 2: (-5.90, 2.58)}
+FORWARD_COST = {1: 2.13, 2: 8.25}
+REVERSE_GRADIENT_COST = 29.0
+REVERSE_HVP_COST = 53.2
 # Forward-mode chunks: at most this many directions per vmapped call, and sequences ×
 # directions × positions near this many (the fastest settings measured with
 # benchmarks/bench_decompose.py --hf; docs/benchmarks.md)
@@ -104,7 +106,7 @@ def choose_engine(n_directions: int, tokens_per_sequence: float, order: int,
 
     >>> choose_engine(10, 4, order=2, jet=True), choose_engine(10, 4, order=2)
     ('jet', 'forward')
-    >>> choose_engine(50, 4, order=1)
+    >>> choose_engine(100, 4, order=1)
     'reverse'
     """
     costs = engine_costs(n_directions, tokens_per_sequence, order, jet)
