@@ -7,13 +7,22 @@ that of the mean loss of the 4 scored tokens of ``--sample`` training sequences,
 Methods (each reports HVPs, seconds and the true residual max_i ‖H v_i − λ_i v_i‖ measured
 with polca's operator; HVPs and seconds include that check, k products, for every method):
 
-* ``polca-eigsh``: :func:`polca.curvature.top_eigenpairs`, SciPy ARPACK ``eigsh(which="LA")``;
+* ``polca-eigsh``: :func:`polca.curvature.top_eigenpairs`, SciPy ARPACK ``eigsh(which="LA")``
+  (``cache_graph=False``, as these figures were first taken);
 * ``polca-lanczos``: the same, torch Lanczos with full reorthogonalisation;
 * ``polca-eigsh-cached``: eigsh on ``HessianOperator(cache_graph=True)``;
 * ``pyhessian``: PyHessian 0.1 ``hessian.eigenvalues`` (deflated power iteration; its ``tol``
   bounds the relative change of the eigenvalue between iterations, not the residual);
 * ``curvlinops``: ``curvlinops.HessianLinearOperator(...).to_scipy()`` + ``eigsh``
   (forward-over-reverse HVPs).
+
+``--hvp`` times one Hessian-vector product (and a block of 5) by each way polca could compute
+it, on configs/demo-addition.toml's model (2 layers, d_model 64, MLP 256) and basis sample
+(256 sequences): double backward with the graph rebuilt for every product
+(``cache_graph=False``) and kept between products (``HessianOperator``'s default keeps it
+when it fits ``graph_budget``; it does here), forward-over-reverse (``jvp`` of ``grad``),
+``torch.compile`` of the double backward (compile time reported apart), and for a block of
+columns the per-column loop against ``is_grads_batched`` (vmap over the columns).
 
 Run: ``.venv/bin/python benchmarks/bench_curvature.py [--sample 128] [--k 1 5] [--threads 1]``
 PyHessian and curvlinops are optional (``pip install pyhessian curvlinops-for-pytorch``, each
@@ -42,11 +51,12 @@ from polca.models.decoder import Decoder, DecoderConfig
 from polca.tasks.addition import Addition
 
 
-def trained_demo_model(steps: int, seed: int = 0) -> tuple[Decoder, Addition]:
+def trained_demo_model(steps: int, seed: int = 0, d_model: int = 128,
+                       d_mlp: int = 512) -> tuple[Decoder, Addition]:
     torch.manual_seed(seed)
     task = Addition(digits=3, n_probe=100, seed=seed)
-    model = Decoder(DecoderConfig(vocab_size=12, context_length=12, n_layers=2, d_model=128,
-                                  n_heads=4, d_mlp=512))
+    model = Decoder(DecoderConfig(vocab_size=12, context_length=12, n_layers=2, d_model=d_model,
+                                  n_heads=4, d_mlp=d_mlp))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95),
                                   weight_decay=0.1)
     loss = ModuleTokenLoss(model)
@@ -85,7 +95,7 @@ def residuals(hessian: HessianOperator, values: torch.Tensor, vectors: torch.Ten
     return torch.linalg.vector_norm(products - values[:, None] * vectors, dim=1)
 
 
-def polca_method(solver: str, cache_graph: bool = False):
+def polca_method(solver: str, cache_graph: bool | None = False):
     def run(loss, theta, sample, k, tol):
         hessian = HessianOperator(loss, theta, sample, cache_graph=cache_graph)
         values, _, found_residuals = top_eigenpairs(hessian, k, tol=tol, solver=solver)
@@ -158,6 +168,76 @@ METHODS = {
 }
 
 
+def hvp_timings(steps: int, sample_size: int, repeats: int = 5) -> None:
+    """Seconds per Hessian-vector product by each way of computing it (see the docstring)."""
+    from torch.func import grad, jvp
+
+    model, task = trained_demo_model(steps, d_model=64, d_mlp=256)
+    loss = ModuleTokenLoss(model)
+    theta = loss.space.flatten(dict(model.named_parameters())).detach()
+    sample = task.basis_sample(sample_size)
+    generator = torch.Generator().manual_seed(0)
+    v = torch.randn(theta.numel(), generator=generator, dtype=torch.float64)
+    block = torch.randn(theta.numel(), 5, generator=generator, dtype=torch.float64)
+    n = sample.n_tokens
+
+    def double_backward(vectors, batched=False):
+        point = theta.clone().requires_grad_(True)
+        (gradient,) = torch.autograd.grad(loss(point, sample).sum(), point, create_graph=True)
+        if batched:
+            return torch.autograd.grad(gradient, point, vectors.T, is_grads_batched=True)[0].T / n
+        return torch.autograd.grad(gradient, point, vectors)[0] / n
+
+    def forward_over_reverse(vector):
+        return jvp(grad(lambda t: loss(t, sample).sum()), (theta,), (vector,))[1] / n
+
+    def best(fn):
+        fn()  # warm-up (and compilation)
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            out = fn()
+            times.append(time.perf_counter() - start)
+        return min(times), out
+
+    print(f"\n### One HVP: d = {theta.numel():,}, {len(sample)} sequences ({n} tokens), "
+          f"float64, best of {repeats}; load {os.getloadavg()[0]:.1f}")
+    print("| product | method | seconds | ÷ first row | max rel. diff. |")
+    print("|---|---|---:|---:|---:|")
+    default, reference = best(
+        lambda: HessianOperator(loss, theta, sample, cache_graph=False) @ v)
+    kept = HessianOperator(loss, theta, sample)  # the default keeps graphs within its budget
+    kept @ v
+    singles = {
+        "double backward, graph rebuilt per product": (default, reference),
+        f"double backward, graph kept (default here: {kept.cache_graph})": best(
+            lambda: kept @ v),
+        "forward-over-reverse": best(lambda: forward_over_reverse(v)),
+    }
+    for name, fn in (("double backward", double_backward),
+                     ("forward-over-reverse", forward_over_reverse)):
+        start = time.perf_counter()
+        try:
+            compiled = torch.compile(fn)
+            compiled(v)
+            label = f"torch.compile({name}) ({time.perf_counter() - start:.0f} s to compile)"
+            singles[label] = best(lambda compiled=compiled: compiled(v))
+        except Exception as err:  # noqa: BLE001 - report whatever stops compilation
+            reason = str(err).strip().splitlines()[0][:90]
+            print(f"| [d] | torch.compile({name}) | failed: {type(err).__name__}: {reason} "
+                  "| | |")
+    for name, (seconds, out) in singles.items():
+        error = float((out - reference).abs().max() / reference.abs().max())
+        print(f"| [d] | {name} | {seconds:.3f} | {seconds / default:.2f} | {error:.0e} |",
+              flush=True)
+    loop, reference = best(
+        lambda: HessianOperator(loss, theta, sample, cache_graph=False) @ block)
+    batched, out = best(lambda: double_backward(block, batched=True))
+    error = float((out - reference).abs().max() / reference.abs().max())
+    print(f"| [d, 5] | loop over columns, graph shared | {loop:.3f} | 1.00 | 0e+00 |")
+    print(f"| [d, 5] | is_grads_batched | {batched:.3f} | {batched / loop:.2f} | {error:.0e} |")
+
+
 def available(name: str) -> bool:
     module = {"pyhessian": "pyhessian", "curvlinops": "curvlinops"}.get(name)
     if module is None:
@@ -178,8 +258,13 @@ def main() -> None:
     parser.add_argument("--train-steps", type=int, default=300)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--methods", nargs="+", default=list(METHODS))
+    parser.add_argument("--hvp", action="store_true",
+                        help="only the per-product timings on the demo config's model")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.hvp:
+        hvp_timings(args.train_steps, sample_size=256)
+        return
     versions = [f"python {platform.python_version()}", f"torch {torch.__version__}",
                 f"scipy {scipy.__version__}"]
     for package in ("pyhessian", "curvlinops-for-pytorch"):

@@ -7,12 +7,8 @@ import numpy as np
 import pytest
 import torch
 import zarr
-from test_directional import (
-    autograd_token_gradients,
-    dense_token_hessians,
-    orthonormal,
-    tiny_problem,
-)
+from oracles import orthonormal, token_gradients, token_hessians
+from test_directional import tiny_problem
 
 from polca import decompose as polca
 from polca.bases import Basis, BasisError
@@ -39,7 +35,7 @@ def test_complete_basis_first_order_sums_to_the_gradient_step(complete_basis_pro
     loss, theta, batch, vectors, step = complete_basis_problem
     delta = polca.interval_deltas(theta, theta + step, vectors)
     grad, _ = directional_derivatives(loss, theta, vectors, batch, order=1)
-    expected = autograd_token_gradients(loss, theta, batch) @ step     # ∇ℓ_x · Δθ
+    expected = token_gradients(loss, theta, batch) @ step     # ∇ℓ_x · Δθ
     torch.testing.assert_close(polca.first_order(grad, delta).sum(0), expected,
                                rtol=0, atol=1e-12)
 
@@ -257,7 +253,7 @@ def test_stage_writes_the_contract_arrays_matching_autograd_oracles(tmp_path):
     grad = arrays.read("polca/random/grad")
     assert grad.shape == (M_VECTORS, T + 1, n)
     for c, theta in enumerate(thetas):
-        oracle = vectors @ autograd_token_gradients(ctx.loss, theta, ctx.probe).T
+        oracle = vectors @ token_gradients(ctx.loss, theta, ctx.probe).T
         np.testing.assert_allclose(grad[:, c], oracle.numpy(), rtol=0, atol=1e-12)
     deltas = arrays.read("polca/random/delta")
     for t in range(T):
@@ -269,7 +265,7 @@ def test_stage_writes_the_contract_arrays_matching_autograd_oracles(tmp_path):
     eigenvalues = np.array([1.0 + i for i in range(M_VECTORS)])  # the basis provenance above
     mean_grad = grad.mean(axis=2)  # ⟨b, ∇L_X(θ_c)⟩, L_X the mean probe loss
     for t in range(T):
-        hessians = dense_token_hessians(ctx.loss, thetas[t], ctx.probe)  # [tokens, d, d]
+        hessians = token_hessians(ctx.loss, thetas[t], ctx.probe)  # [tokens, d, d]
         curvature = torch.einsum("md,xde,me->mx", vectors, hessians, vectors).numpy()
         np.testing.assert_allclose(arrays.read("polca/random/second_exact")[:, t],
                                    0.5 * curvature * deltas[:, t, None] ** 2, rtol=1e-9,
@@ -283,7 +279,7 @@ def test_stage_writes_the_contract_arrays_matching_autograd_oracles(tmp_path):
                                        0.5 * kappa * deltas[:, t, None] ** 2, rtol=1e-9,
                                        atol=1e-15)
         step = thetas[t + 1] - thetas[t]
-        middle = vectors @ autograd_token_gradients(ctx.loss, thetas[t] + 0.5 * step,
+        middle = vectors @ token_gradients(ctx.loss, thetas[t] + 0.5 * step,
                                                     ctx.probe).T
         simpson = (grad[:, t] + 4 * middle.numpy() + grad[:, t + 1]) / 6
         np.testing.assert_allclose(arrays.read("polca/random/integrated")[:, t],
@@ -294,7 +290,7 @@ def test_stage_writes_the_contract_arrays_matching_autograd_oracles(tmp_path):
                          [:50])
     lca_top = arrays.read("lca/top/first")
     for t in range(T):
-        gradients = autograd_token_gradients(ctx.loss, thetas[t], ctx.probe)
+        gradients = token_gradients(ctx.loss, thetas[t], ctx.probe)
         oracle = gradients[:, top].T * (thetas[t + 1] - thetas[t])[top, None]
         np.testing.assert_allclose(lca_top[:, t], oracle.numpy(), rtol=0, atol=1e-12)
     # aggregate LCA per tensor: autograd of the mean loss at s = 0, ½, 1 with weights 1, 4, 1 / 6

@@ -66,7 +66,7 @@ Dtype = Annotated[str | None, typer.Option(
 ExecutorKind = Annotated[str | None, typer.Option(
     "--executor", help="in-process (default) or ray: blocks of intervals and checkpoints as Ray "
                        "tasks, basis sample shards as Ray actors (pip install "
-                       "'polca-breakthroughs[ray]')")]
+                       "'polca-breakthroughs\\[ray]')")]
 Address = Annotated[str | None, typer.Option(
     help="the Ray cluster: auto (started with `ray start --head`) or HOST:PORT (default: a "
          "local one)")]

@@ -159,7 +159,7 @@ class DecomposeConfig(Section):
     fisher: bool = True
     lca: bool = True
     lca_top_parameters: int = Field(50, gt=0)
-    engine: Literal["auto", "forward", "reverse"] = "auto"
+    engine: Literal["auto", "jet", "forward", "reverse"] = "auto"
     batch_size: int = Field(512, gt=0, description="probe sequences per chunk")
     dtype: Literal["float32", "float64"] = Field(
         "float64", description="model arithmetic; projections accumulate in float64 either way")

@@ -47,9 +47,13 @@ class HessianOperator:
     first backward pass are shared by its ``k`` columns. ``n_products`` counts Hessian-vector
     products (a ``[d, k]`` product counts ``k``).
 
-    With ``cache_graph`` the first-derivative graph of every chunk is built once and kept, so a
-    product costs one backward pass instead of a forward and two backward passes (about 1.5x
-    faster on the demo model) at the price of holding the graphs of the whole sample in memory.
+    With the first-derivative graph of every chunk kept (``cache_graph``), a product costs one
+    backward pass instead of a forward and two backward passes (a product takes about 0.7 of
+    the time on the demo model; ``benchmarks/bench_curvature.py --hvp``) at the price of
+    holding the graphs of the whole sample in memory. By default the graphs are kept when they
+    fit ``graph_budget``: the bytes autograd saves for the first chunk, scaled to the sample,
+    are measured on the first product. (Batched columns through ``is_grads_batched``,
+    forward-over-reverse and ``torch.compile`` were measured too and did not pay: same page.)
 
     Args:
         loss: the token-loss seam; its module must hold parameters of ``dtype``.
@@ -57,7 +61,9 @@ class HessianOperator:
         sample: the sequences whose mean scored-token loss is differentiated.
         batch_size: sequences per forward pass.
         dtype: float64 (default) or float32.
-        cache_graph: keep the gradient graphs between products (memory ∝ sample size).
+        cache_graph: keep the gradient graphs between products (True), rebuild them for every
+            product (False), or keep them when they fit ``graph_budget`` (None, the default).
+        graph_budget: bytes the kept graphs may hold when ``cache_graph`` is None.
     """
 
     def __init__(
@@ -67,7 +73,8 @@ class HessianOperator:
         sample: ProbeBatch,
         batch_size: int = 256,
         dtype: torch.dtype | str = torch.float64,
-        cache_graph: bool = False,
+        cache_graph: bool | None = None,
+        graph_budget: int = 2**29,
     ):
         dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
         if theta.ndim != 1:
@@ -83,6 +90,7 @@ class HessianOperator:
         self.shape = (theta.numel(), theta.numel())
         self.n_products = 0
         self.cache_graph = cache_graph
+        self.graph_budget = graph_budget
         self._graphs: list[tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def __matmul__(self, vectors):
@@ -103,8 +111,7 @@ class HessianOperator:
         if columns.shape[0] != self.shape[0]:
             raise ValueError(f"vectors have {columns.shape[0]} rows; the Hessian is {self.shape}")
         total = torch.zeros_like(columns)
-        graphs = self._graphs if self._graphs is not None else map(
-            self._gradient_graph, self.sample.split(self.batch_size))
+        graphs = self._graphs if self._graphs is not None else self._build_graphs()
         kept = []
         for theta, gradient in graphs:
             with torch.enable_grad():
@@ -120,6 +127,26 @@ class HessianOperator:
         self.n_products += columns.shape[1]
         total /= self.sample.n_tokens
         return total[:, 0] if single else total
+
+    def _build_graphs(self):
+        """The chunks' gradient graphs, one at a time; on the first call with ``cache_graph``
+        None, the first chunk's saved bytes decide whether the graphs are kept."""
+        chunks = self.sample.split(self.batch_size)
+        if self.cache_graph is None:
+            first = next(chunks)
+            saved = {}  # storage -> bytes: tensors saved twice, or views, count once
+
+            def pack(tensor):
+                storage = tensor.untyped_storage()
+                saved[storage.data_ptr()] = storage.nbytes()
+                return tensor
+
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+                graph = self._gradient_graph(first)
+            graphs = sum(saved.values()) * len(self.sample) / len(first)
+            self.cache_graph = graphs <= self.graph_budget
+            yield graph
+        yield from map(self._gradient_graph, chunks)
 
     def _gradient_graph(self, chunk: ProbeBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """``(θ leaf, ∇ of the chunk's summed token loss with its graph)`` for double backward."""

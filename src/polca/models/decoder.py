@@ -169,3 +169,30 @@ class Decoder(nn.Module):
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Logits ``[batch, seq, vocab]`` for ``input_ids [batch, seq]``."""
         return self.head(self.ln_final(self.hidden_states(input_ids)[-1]))
+
+    def jet_engine(self, loss):
+        """This decoder's Taylor-mode pass for ``loss`` (:func:`polca.models.jet.token_loss_jet`
+        with ``loss`` bound), or None unless ``loss`` is exactly the computation the pass
+        reproduces: :class:`~polca.functional.ModuleTokenLoss` of this decoder with next-token
+        cross-entropy, built of this file's modules (subclasses may compute something else).
+        :mod:`polca.directional` asks a token loss's module for this method; any module may
+        offer one.
+
+        >>> from polca.functional import ModuleTokenLoss
+        >>> model = Decoder(DecoderConfig(vocab_size=5, context_length=4, d_model=4, n_heads=1))
+        >>> model.jet_engine(ModuleTokenLoss(model)) is None
+        False
+        >>> model.jet_engine(ModuleTokenLoss(model, loss_fn=lambda logits, batch: logits))
+        """
+        from functools import partial
+
+        from polca.functional import ModuleTokenLoss, next_token_losses
+        from polca.models import jet
+
+        exact = (type(loss) is ModuleTokenLoss and loss.module is self
+                 and loss.loss_fn is next_token_losses and type(self) is Decoder
+                 and type(self.ln_final) is LayerNorm
+                 and all(type(b) is Block and type(b.attn) is CausalSelfAttention
+                         and type(b.ln_attn) is LayerNorm and type(b.ln_mlp) is LayerNorm
+                         for b in self.blocks))
+        return partial(jet.token_loss_jet, loss) if exact else None
