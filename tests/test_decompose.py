@@ -395,7 +395,7 @@ def test_gradient_kind_is_the_per_token_gradient_projection_and_clusters(tmp_pat
     ctx, thetas, vectors = make_context(tmp_path)
     run_decompose(ctx, progress=False)
     trajectories = ctx.run.projected("gradient", "random")  # [vector, checkpoint, token]
-    oracle = np.stack([(vectors @ autograd_token_gradients(ctx.loss, theta, ctx.probe).T)
+    oracle = np.stack([(vectors @ token_gradients(ctx.loss, theta, ctx.probe).T)
                        .numpy() for theta in thetas], axis=1)
     assert trajectories.shape == (M_VECTORS, len(thetas), ctx.probe.n_tokens)
     np.testing.assert_allclose(trajectories, oracle, rtol=0, atol=1e-12)
