@@ -66,7 +66,12 @@ def test_reproduce_two_seeds_end_to_end(tmp_path):
 
     from polca.store import RunDir
 
-    config = write_config(tmp_path / "tiny.toml", name="tiny-seeds")
+    # without exact curvature (as configs/repro-addition.toml): the report has no first- vs
+    # second-order agreement to show
+    config = write_config(tmp_path / "tiny.toml", name="tiny-seeds",
+                          decompose={"curvature": ["paper"]},
+                          cluster={"trajectories": ["loss", "first_order", "polca_paper",
+                                                    "gradient"]})
     doc = tmp_path / "reproduction.md"
     doc.write_text(f"before\n{SEEDS_BEGIN}\nstale block\n{SEEDS_END}\nafter\n")
     output = invoke("reproduce", config, "--seeds", "0,1", "--runs", tmp_path / "runs",
@@ -82,6 +87,7 @@ def test_reproduce_two_seeds_end_to_end(tmp_path):
     assert text.startswith("before\n") and text.endswith("after\n") and "stale block" not in text
     assert f"polca reproduce {config} --seeds 0,1" in text
     assert "| exact loss L |" in text and "took" in text and "table:" in output
+    assert "| ⟨b, ∇ℓ_x⟩, Hessian basis |" in text
     # a second call finds every stage done and writes the same table
     invoke("reproduce", config, "--seeds", "0,1", "--runs", tmp_path / "runs", "--out", doc,
            "-q")

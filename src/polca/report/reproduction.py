@@ -113,8 +113,8 @@ def reproduction_tables(run_dir) -> dict | None:
         scores if scores is not None else pd.DataFrame(columns=["name", "label"]), covered)}}
     rows = []
     for name, d in run.read_diagnostics().items():
-        explained = d.get("estimators", {})
-        agreement = d.get("first_vs_second_order", {})
+        explained = d.get("estimators") or {}
+        agreement = d.get("first_vs_second_order") or {}  # None without exact curvature
         rows.append([name] + [
             _fmt(explained.get(k, {}).get("explained_fraction"))
             for k in ("first_order", "polca", "polca_paper", "integrated")] + [
