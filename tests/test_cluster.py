@@ -97,16 +97,17 @@ def test_default_parameters_follow_the_documented_rule():
     assert C.default_min_cluster_size(5000) == 150      # the paper's addition setting
     assert C.default_min_cluster_size(12_600) == 378    # 150 · 12600 / 5000
     assert C.default_min_cluster_size(20) == 2
-    assert C.default_min_samples(5000) == 333           # 5000 / 15
-    assert C.default_min_samples(2639) == 176           # after the paper's average filter
+    assert C.default_min_samples(5000) == 19            # 150 / 8 (the paper config: 333)
+    assert C.default_min_samples(2639) == 10            # after the paper's average filter
+    assert C.default_min_samples(2400) == 9 and C.default_min_samples(50) == 1
 
 
 def test_min_samples_default_counts_tokens_after_the_filter():
     rng = np.random.default_rng(3)
-    final = np.concatenate([-rng.uniform(1, 2, 45), rng.uniform(1, 2, 15)])[None]
+    final = np.concatenate([-rng.uniform(1, 2, 900), rng.uniform(1, 2, 300)])[None]
     projected = np.stack([np.zeros_like(final), final], axis=1)
     _, used = C.cluster_projected(projected, min_cluster_size=5)
-    assert used.tolist() == [3]  # 45 kept tokens / 15
+    assert used.tolist() == [3]  # 0.00375 × the 900 kept tokens (of all 1200: 4)
 
 
 def brute_break(f, steps, delta):
@@ -237,7 +238,8 @@ def test_run_cluster_writes_labels_breaks_params_and_resumes(tmp_path):
     # τ by a loop: the first step where 90 % of the total decrease of the mean loss is done
     tau = next(s for s, value in zip(STEPS, mean) if mean[0] - value >= 0.9 * (mean[0] - mean[-1]))
     assert p["tau"] == tau
-    assert [v["min_samples_used"] for v in meta["vectors"]] == [0, 8, 9]  # 120/15, 130/15
+    assert [v["min_samples_used"] for v in meta["vectors"]] == [
+        0, C.default_min_samples(120), C.default_min_samples(130)]
     breaks = pd.read_parquet(ctx.run.clusters / "polca-hessian.breaks.parquet")
     assert set(breaks["vector"]) == {1, 2}
     assert meta["n_hidden"] == int(breaks["hidden"].sum())

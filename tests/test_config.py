@@ -38,3 +38,14 @@ def test_missing_and_malformed_files(tmp_path):
     bad.write_text("name = ")
     with pytest.raises(ConfigError, match="not valid TOML"):
         load_config(bad)
+
+
+def test_a_checkpoint_window_must_lie_within_training():
+    cfg = parse_config({"name": "x", "train": {"steps": 100},
+                        "checkpoints": {"every": 10, "start": 50}})
+    assert cfg.checkpoints.start == 50
+    with pytest.raises(ConfigError, match=r"checkpoints.start \(100\) must be below train.steps"):
+        parse_config({"name": "x", "train": {"steps": 100}, "checkpoints": {"start": 100}})
+    with pytest.raises(ConfigError, match=r"checkpoints.steps \[20\] lie outside"):
+        parse_config({"name": "x", "train": {"steps": 100},
+                      "checkpoints": {"steps": [20, 60], "start": 50}})

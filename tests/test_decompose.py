@@ -385,3 +385,33 @@ def test_stage_recomputes_on_a_changed_basis_and_says_so(tmp_path):
     assert expected.keys() == got.keys()
     for name in expected:
         assert expected[name].tobytes() == got[name].tobytes(), name
+
+
+def test_gradient_kind_is_the_per_token_gradient_projection_and_clusters(tmp_path):
+    """The ``gradient`` trajectory kind: ⟨b, ∇ℓ_x(θ_t)⟩ per checkpoint, not cumulated, against
+    per-token autograd gradients in float64; the cluster stage clusters it like any kind."""
+    from polca.stages.cluster import run_cluster
+
+    ctx, thetas, vectors = make_context(tmp_path)
+    run_decompose(ctx, progress=False)
+    trajectories = ctx.run.projected("gradient", "random")  # [vector, checkpoint, token]
+    oracle = np.stack([(vectors @ token_gradients(ctx.loss, theta, ctx.probe).T)
+                       .numpy() for theta in thetas], axis=1)
+    assert trajectories.shape == (M_VECTORS, len(thetas), ctx.probe.n_tokens)
+    np.testing.assert_allclose(trajectories, oracle, rtol=0, atol=1e-12)
+    for c in range(len(thetas)):  # the first-order engine's g, stored once (not recomputed)
+        np.testing.assert_array_equal(
+            trajectories[:, c], ctx.run.arrays().read("polca/random/grad")[:, c])
+
+    loss = np.stack([token_losses(ctx.loss, theta, ctx.probe).numpy() for theta in thetas], 1)
+    arrays = ctx.run.arrays()
+    arrays.require("loss", loss.shape, loss.shape, ("token", "checkpoint"),
+                   attrs={"steps": ctx.checkpoints.steps})
+    arrays.write_block("loss", slice(None), loss, key="all")
+    status = run_cluster(SimpleNamespace(run=ctx.run, cfg=RunConfig.model_validate(
+        {"name": "t", "cluster": {"trajectories": ["gradient"], "min_cluster_size": 2,
+                                  "min_samples": 1}})), progress=False)
+    assert status == {"gradient-random": "written"}
+    clustering = ctx.run.read_clustering("gradient-random")
+    assert clustering.params["kind"] == "gradient" and not clustering.params["mean_filter"]
+    assert len(clustering.frame) == M_VECTORS * ctx.probe.n_tokens

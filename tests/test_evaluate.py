@@ -265,3 +265,47 @@ def test_run_evaluate_without_clusterings_says_what_to_run(tmp_path):
     ctx, _, _ = planted_addition_run(tmp_path)
     with pytest.raises(Exception, match="polca cluster"):
         run_evaluate(ctx, progress=False)
+
+
+def test_skill_signal_is_high_where_planted_and_chance_where_absent(tmp_path):
+    """evaluation/skill_signal.csv: carry within the tens and hundreds is planted in the exact
+    losses and in vector 0's gradient projections, absent from vector 1's (noise), and a
+    binary label drawn independently of everything is visible nowhere."""
+    from polca.report.summary import read_findings
+
+    ctx, tokens, _ = planted_addition_run(tmp_path)
+    rng = np.random.default_rng(1)
+    n, steps = len(tokens), ctx.run.array_steps()
+    carry = tokens["carry"].to_numpy().astype(float)
+    grad = rng.normal(size=(2, len(steps), n))
+    grad[0] += 3 * carry[None]  # every checkpoint: carry tokens shifted
+    arrays = ctx.run.arrays()
+    arrays.require("polca/hessian/grad", grad.shape, (1, len(steps), n),
+                   ("vector", "checkpoint", "token"))
+    arrays.write_block("polca/hessian/grad", slice(None), grad, key="all")
+    ctx.run.write_probe(ctx.run.read_sequences(),
+                        tokens.assign(coin=rng.random(n) < 0.5))  # a label with no signal
+    ctx.cfg = RunConfig(name="t", evaluate={"labels": [{"column": "coin", "group": "place"}]})
+    run_cluster(ctx, kinds=["loss", "gradient"], progress=False)
+    table = run_evaluate(ctx, progress=False)["skill_signal"]
+    assert (ctx.run.root / "evaluation" / "skill_signal.csv").is_file()
+    assert set(table["name"]) == {"loss", "delta_loss", "abs_delta_loss", "gradient-hessian"}
+    ok = table[table["status"] == "ok"].set_index(["name", "label", "group"])
+    for place in (10, 100):
+        assert ok.loc[("loss", "carry", place), "balanced_accuracy"] > 0.95
+        vectors = ok.loc[("gradient-hessian", "carry", place)].set_index("vector")
+        assert vectors.loc[0, "balanced_accuracy"] > 0.9 and vectors.loc[0, "above_chance"]
+        assert vectors.loc[1, "ci_low"] <= 0.5 <= vectors.loc[1, "ci_high"]
+        assert vectors["confidence"].eq(1 - 0.05 / 2).all()  # widened for the 2 vectors
+    coin = ok.xs("coin", level="label")  # 20 rows: 4 places × (3 exact kinds + 2 vectors)
+    assert len(coin) == 20 and abs(coin["balanced_accuracy"].mean() - 0.5) < 0.05
+    # each 95 % (97.5 % per vector) interval misses chance with probability ≤ 0.05: about one
+    # row in 20 is "above chance" by luck; more than two would be a broken interval
+    assert coin["above_chance"].sum() <= 2
+    # units tokens never receive a carry: their row says why they are not scored
+    assert table.query("label == 'carry' and group == 1")["status"].str.startswith(
+        "skipped").all()
+    # the report's findings say it beside the clusters
+    finding = next(f for f in read_findings(ctx.run) if f.name == "gradient-hessian")
+    assert "carry within group 10 is visible to a probe" in finding.sentence
+    assert finding.numbers["signal_cell"].startswith("carry in 10 ")

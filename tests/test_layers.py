@@ -15,7 +15,7 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 
 LAYERS = {
     "kernels": ["functional", "directional", "curvature", "bases", "decompose", "cluster",
-                "evaluate", "label", "measures", "findings", "precision"],
+                "evaluate", "label", "measures", "findings", "precision", "signal"],
     "sources": ["config", "tasks", "models", "byo", "corpus", "probes", "sources"],
     # progress: how work on the run directory is told (bars, resume lines), no polca import
     "contract": ["atomic", "store", "checkpoints", "progress"],

@@ -97,3 +97,16 @@ def test_analysis_of_an_incompletely_trained_run_is_refused(tmp_path):
     result = CliRunner().invoke(app, ["basis", str(config), "--runs", str(tmp_path / "runs")])
     assert result.exit_code == 2
     assert "incomplete" in result.output and "polca train" in result.output
+
+
+def test_checkpoints_start_analyses_a_window_without_step_zero(tmp_path):
+    """``checkpoints.start``: training runs from step 0, the series and every array start at
+    the window (no 0 → start interval)."""
+    config = write_config(tmp_path / "tiny.toml", name="window",
+                          train={**TINY["train"], "steps": 60},
+                          checkpoints={"every": 20, "start": 20})
+    for stage in ("train", "trajectories"):
+        invoke(stage, config, "--runs", tmp_path / "runs", "-q")
+    run = RunDir(tmp_path / "runs" / "window")
+    assert [e["step"] for e in run.checkpoint_manifest()] == [20, 40, 60]
+    assert run.array_steps() == [20, 40, 60] and run.arrays().read("loss").shape[1] == 3

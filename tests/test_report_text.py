@@ -165,4 +165,14 @@ def test_text_pipeline_end_to_end_labels_clusters_in_the_report(tmp_path):
         assert list(row.example_contexts) == tokens["context"].iloc[row.examples].tolist()
     page = ctx.run.report_path().read_text()
     assert "POS-labelled clusters" in page
+    # the skill-signal diagnostic of the target's part of speech and its 4-gram pattern, on
+    # every stored kind, shown in the findings
+    signal = ctx.run.read_evaluation_table("skill_signal")
+    assert set(signal["label"]) == {"pos", "pos_4gram"}
+    assert {"loss", "delta_loss", "first_order-hessian", "gradient-hessian"} <= set(
+        signal["name"])
+    scored = signal[signal["status"] == "ok"]
+    assert len(scored) and (scored["chance"] == 1 / scored["class_counts"].str.split().str.len()
+                            ).all()
+    assert "probe sees (balanced accuracy)" in page and "pos " in page
     assert html.escape(table["label"].iloc[0], quote=True) in page

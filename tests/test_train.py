@@ -1,5 +1,7 @@
 """Training is deterministic and an interrupted run resumes to the same bytes."""
 
+import itertools
+
 import pytest
 import torch
 
@@ -80,6 +82,34 @@ def test_resume_after_a_kill_while_saving_a_checkpoint(tmp_path, monkeypatch):
     assert files(tmp_path / "run") == files(tmp_path / "ref")
 
 
+WINDOW = [3, 5, 6]  # checkpoint_schedule(6, every=2, start=3): no step 0
+
+
+@pytest.mark.parametrize("kill_at", [2, 4])  # before the window's first checkpoint, and inside
+def test_a_window_resumes_to_the_checkpoints_of_a_full_run(tmp_path, kill_at):
+    model, task = fresh_model()
+    train(model, task, CFG, [0, 1, 2, 3, 4, 5, 6], CheckpointStore(tmp_path / "full"),
+          progress=False)
+    model, task = fresh_model()
+    real_batch = task.train_batch
+
+    def dying_batch(step, n):
+        if step == kill_at:
+            raise Interrupted
+        return real_batch(step, n)
+
+    task.train_batch = dying_batch
+    with pytest.raises(Interrupted):
+        train(model, task, CFG, WINDOW, CheckpointStore(tmp_path / "window"), progress=False)
+    assert CheckpointStore(tmp_path / "window").steps == [s for s in WINDOW if s <= kill_at]
+
+    model, task = fresh_model()
+    train(model, task, CFG, WINDOW, CheckpointStore(tmp_path / "window"), progress=False)
+    assert CheckpointStore(tmp_path / "window").steps == WINDOW
+    full, window = files(tmp_path / "full"), files(tmp_path / "window")
+    assert window == {name: full[name] for name in window}
+
+
 def test_training_lowers_the_loss(tmp_path):
     model, task = fresh_model()
     cfg = TrainConfig(steps=60, batch_size=32, lr=3e-3, warmup_steps=5)
@@ -94,10 +124,22 @@ def test_schedules():
     assert checkpoint_schedule(10, steps=[3, 7]) == [0, 3, 7, 10]
     log = checkpoint_schedule(10_000, log_spaced=20)
     assert log[0] == 0 and log[-1] == 10_000 and log == sorted(set(log))
-    gaps = [b - a for a, b in zip(log[1:], log[2:])]
+    gaps = [b - a for a, b in itertools.pairwise(log[1:])]
     assert gaps[-1] > 10 * gaps[0]  # log spacing: late gaps much wider than early ones
     with pytest.raises(ValueError, match="outside"):
         checkpoint_schedule(10, steps=[11])
+
+
+def test_window_schedules_start_at_start_without_step_zero():
+    assert checkpoint_schedule(10, every=4, start=3) == [3, 7, 10]
+    assert checkpoint_schedule(10, steps=[5, 8], start=4) == [4, 5, 8, 10]
+    log = checkpoint_schedule(10_000, log_spaced=5, start=1000)
+    assert log[0] == 1000 and log[-1] == 10_000 and len(log) == 5
+    assert checkpoint_schedule(100, start=50) == list(range(50, 101))  # default: ~50 intervals
+    with pytest.raises(ValueError, match="outside 4..10"):
+        checkpoint_schedule(10, steps=[2, 8], start=4)
+    with pytest.raises(ValueError, match="start 10"):
+        checkpoint_schedule(10, every=2, start=10)
 
 
 def test_warmup_then_constant_or_cosine():

@@ -39,24 +39,34 @@ def checkpoint_schedule(
     every: int | None = None,
     steps: Iterable[int] | None = None,
     log_spaced: int | None = None,
+    start: int = 0,
 ) -> list[int]:
-    """Sorted training steps at which to checkpoint; always includes 0 and ``total_steps``.
+    """Sorted training steps at which to checkpoint, from ``start`` to ``total_steps`` (both
+    always included).
+
+    ``start`` > 0 analyses a window of training: the steps before it are trained but not
+    stored, so the first interval is ``start → start + every``, not ``0 → start``.
 
     >>> checkpoint_schedule(100, every=40)
     [0, 40, 80, 100]
     >>> checkpoint_schedule(1000, log_spaced=5)
     [0, 1, 6, 32, 178, 1000]
+    >>> checkpoint_schedule(100, every=20, start=50)
+    [50, 70, 90, 100]
     """
+    if not 0 <= start < total_steps:
+        raise ValueError(f"checkpoint start {start} must lie in 0..{total_steps - 1} "
+                         "(the training steps)")
     if steps is not None:
         chosen = {int(s) for s in steps}
-        bad = [s for s in chosen if not 0 <= s <= total_steps]
+        bad = [s for s in chosen if not start <= s <= total_steps]
         if bad:
-            raise ValueError(f"checkpoint steps {sorted(bad)} lie outside 0..{total_steps}")
+            raise ValueError(f"checkpoint steps {sorted(bad)} lie outside {start}..{total_steps}")
     elif log_spaced is not None:
-        chosen = {int(round(s)) for s in np.geomspace(1, total_steps, log_spaced)}
+        chosen = {int(s) for s in np.rint(np.geomspace(max(start, 1), total_steps, log_spaced))}
     else:
-        chosen = set(range(0, total_steps + 1, every or max(1, total_steps // 50)))
-    return sorted(chosen | {0, total_steps})
+        chosen = set(range(start, total_steps + 1, every or max(1, (total_steps - start) // 50)))
+    return sorted(chosen | {start, total_steps})
 
 
 def sha256_of(data: bytes) -> str:

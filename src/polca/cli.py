@@ -179,13 +179,16 @@ def _open(target: Path, runs: Path, overrides: dict):
         source=f"{run.config_path} with --set"))
 
 
-def _execute(ctx, stages, quiet: bool) -> None:
+def _execute(ctx, stages, quiet: bool, outer: P.Bar | None = None) -> None:
     """Run ``stages`` in order, one line each (its time, or "done (skipped)"), then (after the
-    stages that make them: evaluate, report) what the run found and where its report is."""
+    stages that make them: evaluate, report) what the run found and where its report is.
+    ``outer``: a bar over a longer job, moved on by one per stage."""
     from polca.api import run_stage
 
     with ctx.run.lock():  # the whole command: no other process between two stages
         for name in stages:
+            if outer is not None:
+                outer.set_postfix(run=ctx.run.root.name, stage=name)
             started = time.monotonic()
             with P.journal() as log:
                 try:
@@ -198,6 +201,8 @@ def _execute(ctx, stages, quiet: bool) -> None:
                 state = ("done (skipped)" if log.skipped
                          else f"done in {P.duration(time.monotonic() - started)}")
                 typer.secho(f"{name}: {state}", fg=typer.colors.CYAN, err=True)
+            if outer is not None:
+                outer.update()
     if {"evaluate", "report"} & set(stages):
         _conclude(ctx.run)
 
@@ -282,17 +287,25 @@ def reproduce(target: Annotated[Path | None, typer.Argument(
               ] = None,
               out: Annotated[Path, typer.Option(help="markdown file to write")] = Path(
                   "docs/reproduction.md"),
+              seeds: Annotated[str | None, typer.Option(
+                  help="comma-separated seeds, e.g. 0,1,2: one run per seed (RUNS/<name>-s<seed>)"
+                       ", then every row as mean ± sd over them, between OUT's seeds-table "
+                       "markers")] = None,
               runs: RunsDir = Path("runs"), settings: Settings = [],  # noqa: B006
               quiet: Quiet = False, device: Device = None, dtype: Dtype = None,
               executor: ExecutorKind = None, address: Address = None) -> None:
     """Run every stage of an addition config, then write its reproduction table (ours beside
     the paper's numbers, and the report's sentences) as markdown into OUT, between the table
-    markers."""
+    markers; with --seeds, run each seed and write the table over seeds."""
     from polca.report import docs
     from polca.store import RunDir
 
     shown = target or Path("configs/demo-addition.toml")
     target = target or shipped_config("demo-addition.toml")
+    if seeds is not None:
+        _reproduce_seeds(target, shown, out, _csv(seeds, _seed), runs, settings, quiet,
+                         _compute(device, dtype, executor, address))
+        return
     _run_stages(target, runs, STAGES, quiet, settings, _compute(device, dtype, executor, address))
     root = target if target.suffix != ".toml" else runs / load_config(
         target, parse_settings(settings)).name
@@ -306,6 +319,62 @@ def reproduce(target: Annotated[Path | None, typer.Argument(
         text = docs.replace_between(text, docs.TABLE_BEGIN, docs.TABLE_END, block)
     else:
         text = f"{docs.TABLE_BEGIN}\n{block}{docs.TABLE_END}\n"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    typer.secho(f"table: {out}", fg=typer.colors.GREEN)
+
+
+def _seed(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise ConfigError(f"--seeds: {text!r} is not a whole number; pass e.g. --seeds 0,1,2"
+                          ) from None
+
+
+def _reproduce_seeds(target: Path, shown: Path, out: Path, seeds: list[int], runs: Path,
+                     settings: list[str], quiet: bool, compute: dict) -> None:
+    """``polca reproduce --seeds``: every stage of ``target`` once per seed (run
+    ``<name>-s<seed>``, resumable like any run), then the table over seeds into ``out``."""
+    import torch
+
+    from polca.api import stages_of
+    from polca.config import merged
+    from polca.report import seeds as S
+
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ConfigError(f"--seeds needs distinct seeds, e.g. --seeds 0,1,2 (got {seeds})")
+    if target.suffix != ".toml":
+        raise ConfigError(f"--seeds runs a config once per seed: pass a config .toml, not the "
+                          f"run directory {target}")
+    base = load_config(target, _overrides(settings, compute))
+    stages = [s for s in STAGES if s in stages_of(base)] or list(STAGES)
+    started, roots = time.monotonic(), []
+    outer = P.bar(not quiet, len(seeds) * len(stages), 0, "reproduce", "stage")
+    try:
+        for seed in seeds:
+            overrides = merged(_overrides(settings, compute),
+                               {"seed": seed, "name": f"{base.name}-s{seed}"})
+            ctx = _open(target, runs, overrides)
+            _execute(ctx, stages, quiet, outer)
+            roots.append(ctx.run.root)
+    finally:
+        outer.close()
+    wall = time.monotonic() - started
+    recorded, loads = S.wall_seconds(roots)
+    note = (f"The {len(seeds)} runs' stages took {P.duration(recorded)} as recorded in their "
+            f"run directories (torch threads {torch.get_num_threads()}, {os.cpu_count()} CPUs"
+            + (f", 1-minute load {min(loads):.1f}–{max(loads):.1f}" if loads else "")
+            + f"); the last `polca reproduce` call took {P.duration(wall)} wall clock.")
+    command = f"polca reproduce {shown} --seeds {','.join(map(str, seeds))} --out {out}"
+    block = S.seed_table(roots, seeds, command, note)
+    text = out.read_text() if out.is_file() else ""
+    if S.SEEDS_BEGIN in text and S.SEEDS_END in text:  # keep the prose around it
+        from polca.report.docs import replace_between
+
+        text = replace_between(text, S.SEEDS_BEGIN, S.SEEDS_END, block)
+    else:
+        text += f"{S.SEEDS_BEGIN}\n{block}{S.SEEDS_END}\n"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
     typer.secho(f"table: {out}", fg=typer.colors.GREEN)

@@ -120,6 +120,8 @@ class CheckpointConfig(Section):
     every: int | None = Field(None, gt=0, description="a checkpoint every N steps")
     steps: list[int] | None = Field(None, description="an explicit list of steps")
     log_spaced: int | None = Field(None, gt=1, description="N log-spaced steps")
+    start: int = Field(0, ge=0, description="first checkpoint: analyse training from this step "
+                                            "on (earlier steps are trained, not stored)")
 
     @model_validator(mode="after")
     def _one_schedule(self):
@@ -171,7 +173,7 @@ class ClusterConfig(Section):
     mean_filter: bool = True
     token_filter: bool = True
     min_cluster_size: int | None = Field(None, gt=1, description="default: 150 per 5000 tokens")
-    min_samples: int | None = Field(None, gt=0, description="default: tokens / 15")
+    min_samples: int | None = Field(None, gt=0, description="default: 0.00375 × tokens clustered")
     top_clusters: int = Field(3, gt=0)
     break_delta: int | None = Field(None, gt=0, description="Δ in steps for break times")
     flat_after: int | None = Field(None, ge=0, description="τ in steps; default: 90% of decrease")
@@ -264,6 +266,17 @@ class RunConfig(Section):
     def trains(self) -> bool:
         """Whether polca trains this run (built-in source) rather than analysing a series."""
         return self.source.kind == "train"
+
+    @model_validator(mode="after")
+    def _checkpoints_within_training(self):
+        start, total = self.checkpoints.start, self.train.steps
+        if start >= total:
+            raise ValueError(f"checkpoints.start ({start}) must be below train.steps ({total})")
+        outside = [s for s in self.checkpoints.steps or () if not start <= s <= total]
+        if outside:
+            raise ValueError(f"checkpoints.steps {outside} lie outside checkpoints.start.."
+                             f"train.steps ({start}..{total})")
+        return self
 
 
 # Config sections that define a trained run: a run directory keeps them for good.

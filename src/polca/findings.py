@@ -60,9 +60,10 @@ EXPLAINED_KINDS = ("first_order", "polca", "polca_paper", "integrated")
 KIND_NAMES = {"loss": "exact loss", "delta_loss": "ΔL", "abs_delta_loss": "|ΔL|",
               "lca": "LCA (top-50 parameters)", "fisher": "Fisher", "first_order":
               "first-order POLCA", "polca": "POLCA (exact curvature)",
-              "polca_paper": "POLCA (paper's curvature)", "integrated": "integrated POLCA"}
+              "polca_paper": "POLCA (paper's curvature)", "integrated": "integrated POLCA",
+              "gradient": "gradient projection ⟨b, ∇ℓ_x⟩"}
 KIND_ORDER = ("loss", "delta_loss", "abs_delta_loss", "lca", "fisher", "first_order", "polca",
-              "polca_paper", "integrated")
+              "polca_paper", "integrated", "gradient")
 BASIS_ORDER = ("hessian", "random", "shuffled-hessian", "trajectory-pca")
 
 
@@ -306,7 +307,7 @@ def _signal_part(signal: pd.DataFrame | None, numbers: dict) -> list[str]:
     keys = [c for c in ("label", "group") if c in rows]
     best = (rows.sort_values("ci_low", ascending=False, kind="stable")
             .groupby(keys, sort=True, dropna=False).head(1) if keys else rows.head(1))
-    parts, visible = [], {}
+    parts, visible, cells = [], {}, []
     for _, row in best.sort_values(keys).iterrows() if keys else best.iterrows():
         label = row.get("label", "the label")
         value = row.get("group", math.nan)
@@ -314,10 +315,13 @@ def _signal_part(signal: pd.DataFrame | None, numbers: dict) -> list[str]:
         group = "" if value is None else f" within group {value}"
         seen = bool(row["ci_low"] > row["chance"])
         visible[(label, value)] = seen
+        cells.append(f"{label}{'' if value is None else f' in {value}'} "
+                     f"{row['balanced_accuracy']:.2f}{'' if seen else ' (chance)'}")
         parts.append(f"{label}{group} is {'' if seen else 'not '}visible to a probe "
                      f"(balanced accuracy {row['balanced_accuracy']:.2f}, interval "
                      f"{row['ci_low']:.2f}–{row['ci_high']:.2f}, chance {row['chance']:.2f})")
     numbers["signal_visible"] = visible
+    numbers["signal_cell"] = ", ".join(cells)
     return parts
 
 
@@ -483,7 +487,8 @@ def to_html(findings: Iterable[Finding], skill_label: str = "carry") -> str:
         body = "<p>No clustering yet: nothing to report.</p>"
     else:
         head = ["trajectories", "clusters", "tokens clustered", "clusters follow",
-                f"best {skill_label} cluster", "hidden", "problems"]
+                f"best {skill_label} cluster", "hidden", "probe sees (balanced accuracy)",
+                "problems"]
         grid = [[f.title, *_cells(f.numbers).values(), _flag_names(f.flags)] for f in findings]
         # a column no finding fills (no skill label in a text run) is left out
         shown = [j for j in range(len(head)) if j in (0, 1, len(head) - 1)
@@ -589,9 +594,11 @@ def _value(value):
 
 def _cells(numbers: dict) -> dict[str, str]:
     """The headline numbers as short strings (empty where the finding has none): clusters,
-    coverage, the label the clusters follow, the best skill cluster, the hidden fraction."""
+    coverage, the label the clusters follow, the best skill cluster, the hidden fraction, what
+    the skill-signal probe sees."""
     n = numbers.get("n_clusters", 0)
-    cells = {"clusters": str(n), "coverage": "", "follows": "", "skill": "", "hidden": ""}
+    cells = {"clusters": str(n), "coverage": "", "follows": "", "skill": "", "hidden": "",
+             "signal": numbers.get("signal_cell", "")}  # with or without clusters
     if not n:
         return cells
     cells["coverage"] = percent(numbers["coverage"])
@@ -615,7 +622,8 @@ def _headline(title: str, numbers: dict, flags: list[Flag]) -> str:
     parts = [f"{cells['clusters']} clusters"
              + (f", {cells['coverage']} of tokens" if cells["coverage"] else ""), cells["follows"],
              cells["skill"] and f"best {numbers['skill_label']} cluster {cells['skill']}",
-             cells["hidden"] and f"hidden {cells['hidden']}"]
+             cells["hidden"] and f"hidden {cells['hidden']}",
+             cells["signal"] and f"probe: {cells['signal']}"]
     line = f"{title}: " + "; ".join(p for p in parts if p)
     if flags:
         line += "  !! " + _flag_names(flags)

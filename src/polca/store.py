@@ -166,6 +166,9 @@ TRAJECTORY_KINDS = {kind.name: kind for kind in (
     TrajectoryKind("fisher", "terms", ("fisher",), doc="cumulated projected Fisher"),
     TrajectoryKind("lca", "lca", (LCA_TOP,), allocation=True,
                    doc="cumulated token-level LCA, top-|θ| parameters"),
+    # the first-order engine's g_x(t), stored per checkpoint: not an allocation, not cumulated
+    TrajectoryKind("gradient", "terms", ("grad",), cumulative=False,
+                   doc="⟨b, ∇ℓ_x(θ_t)⟩ per checkpoint"),
 )}
 
 

@@ -36,6 +36,8 @@ ROWS = [
     ("polca_paper-shuffled-hessian", "POLCA paper, shuffled-Hessian basis"),
     ("polca-trajectory-pca", "POLCA exact, trajectory-PCA basis"),
     ("polca_paper-trajectory-pca", "POLCA paper, trajectory-PCA basis"),
+    ("gradient-hessian", "⟨b, ∇ℓ_x⟩, Hessian basis"),  # beyond the paper (issue 11)
+    ("gradient-random", "⟨b, ∇ℓ_x⟩, random basis"),
 ]
 
 
@@ -111,8 +113,8 @@ def reproduction_tables(run_dir) -> dict | None:
         scores if scores is not None else pd.DataFrame(columns=["name", "label"]), covered)}}
     rows = []
     for name, d in run.read_diagnostics().items():
-        explained = d.get("estimators", {})
-        agreement = d.get("first_vs_second_order", {})
+        explained = d.get("estimators") or {}
+        agreement = d.get("first_vs_second_order") or {}  # None without exact curvature
         rows.append([name] + [
             _fmt(explained.get(k, {}).get("explained_fraction"))
             for k in ("first_order", "polca", "polca_paper", "integrated")] + [

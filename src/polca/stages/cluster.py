@@ -46,7 +46,7 @@ def run_cluster(ctx, kinds=None, progress: bool = True) -> dict[str, str]:
     common = {
         "steps": steps, "n_tokens": int(n_tokens),
         "min_cluster_size": cfg.min_cluster_size or C.default_min_cluster_size(n_tokens),
-        "min_samples": cfg.min_samples or "round(clustered tokens / 15)",
+        "min_samples": cfg.min_samples or "round(0.00375 × clustered tokens)",
         "algorithm": "sklearn.cluster.HDBSCAN(algorithm='brute', metric='euclidean')",
         "tau": int(cfg.flat_after if cfg.flat_after is not None
                    else C.flat_after(loss.mean(axis=0), steps)),

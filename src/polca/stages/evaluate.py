@@ -15,6 +15,13 @@ Writes through the contract (:meth:`polca.store.RunDir.write_evaluation`) the ta
   the rarer value; :func:`polca.evaluate.default_positive`);
 * ``hidden``: per clustering the fraction of clusters with a hidden breakthrough, with τ, Δ
   and the paper's fraction;
+* ``skill_signal``: for every stored trajectory kind (clustered or not; per basis vector for
+  kinds with a basis) and every labelled probe set (:func:`signal_targets`: carry within
+  place, each binary label within its group, a text run's POS and POS 4-gram), a supervised
+  probe's cross-validated balanced accuracy with its chance level and interval
+  (:func:`polca.signal.skill_signal`; over m vectors the interval's confidence is
+  1 − 0.05/m, so the best vector is not favoured): whether the label is visible in the
+  trajectories at all, whatever HDBSCAN makes of them;
 
 and, for token tables with POS columns (the text task), every cluster's POS label, top
 targets and contexts nearest its medoid (:func:`pos_cluster_table`). The evaluation is kept
@@ -33,7 +40,12 @@ from polca import evaluate as E
 from polca import progress as P
 from polca.config import BinaryLabelConfig, ConfigError
 from polca.label import POS_COLUMNS, cluster_labels, has_pos
-from polca.store import LOSS, TRAJECTORY_KINDS, StoreError
+from polca.signal import skill_signal
+from polca.store import LOSS, TRAJECTORY_KINDS, StoreError, clustering_name, kind_arrays
+
+SIGNAL_TABLE = "skill_signal"
+# the diagnostic's settings (recorded with the evaluation's inputs: a change recomputes it)
+SIGNAL = {"probe": "knn", "n_splits": 5, "seed": 0, "alpha": 0.05}
 
 POS_TABLE_COLUMNS = ["name", "kind", "basis", "vector", "cluster", "size", "break_step",
                      "hidden", "label", "simple", "pattern", "top_targets", "top_target_counts",
@@ -57,7 +69,11 @@ def run_evaluate(ctx, labels=None, progress: bool = True) -> dict[str, pd.DataFr
     addition = ctx.cfg.task.kind == "addition"
     paper_carry = {"carry", "place"} <= set(tokens.columns)
     binary = binary_labels(tokens, columns, ctx.cfg.evaluate, paper_carry)
+    stored = list(stored_kinds(run))
+    products = sorted({"trajectories", *(f"decompose/{basis or 'lca'}"
+                                         for _, kind, basis in stored if kind not in C.EXACT_KINDS)})
     inputs = {"clusterings": {n: run.version(f"cluster/{n}") for n in names},
+              "signal": dict(SIGNAL, arrays={p: run.version(p) for p in products}),
               "probe": run.probe_sha256(), "labels": columns, "top": top,
               "examples": examples if has_pos(tokens) else None, "addition": addition,
               **({"binary": [b.model_dump(mode="json") for b in binary]} if binary else {})}
@@ -109,8 +125,80 @@ def run_evaluate(ctx, labels=None, progress: bool = True) -> dict[str, pd.DataFr
         tables["carry"] = pd.concat(carry, ignore_index=True)
     for b in binary:
         tables[label_table_name(b.column)] = pd.concat(by_label[b.column], ignore_index=True)
+    targets = signal_targets(tokens, binary, paper_carry, positives)
+    if targets:
+        tables[SIGNAL_TABLE] = signal_table(run, stored, targets, progress)
     run.write_evaluation(tables, pos_cluster_table(run, examples) if has_pos(tokens) else None)
     return tables
+
+
+def stored_kinds(run):
+    """(clustering name, kind, basis) of every trajectory kind whose arrays are stored."""
+    arrays = run.arrays()
+    for kind, spec in TRAJECTORY_KINDS.items():
+        for basis in run.decomposed_bases() if spec.source == "terms" else [None]:
+            if all(name in arrays for name in kind_arrays(kind, basis)):
+                yield clustering_name(kind, basis), kind, basis
+
+
+def signal_targets(tokens: pd.DataFrame, binary: list[BinaryLabelConfig], paper_carry: bool,
+                   positives: dict[str, np.ndarray]) -> list[tuple]:
+    """The labelled probe sets of the skill-signal diagnostic: ``(label, [token] values,
+    group column or None, [token] groups or None)``: ``carry`` within ``place`` (the paper's
+    task), each binary label of ``binary`` (1 / 0, NaN unlabelled) within its group, and a
+    text run's ``pos`` and ``pos_4gram`` (the target token's part of speech and its 4-gram
+    pattern, as the cluster labels name them)."""
+    targets = []
+    if paper_carry:
+        targets.append(("carry", tokens["carry"].to_numpy(), "place", tokens["place"].to_numpy()))
+    for b in binary:
+        group = None if b.group is None else tokens[b.group].to_numpy()
+        targets.append((b.column, positives[b.column], b.group, group))
+    if has_pos(tokens):
+        targets += [(c, tokens[c].astype(str).to_numpy(), None, None) for c in POS_COLUMNS]
+    return targets
+
+
+def signal_table(run, stored, targets, progress: bool = True) -> pd.DataFrame:
+    """The ``skill_signal`` table: :func:`polca.signal.skill_signal` of every target of
+    :func:`signal_targets` on every stored kind's trajectories (``[token, time]`` as clustered:
+    L, ΔL, |ΔL|; ``[vector, token, time]`` for kinds with a basis), with ``name``, ``kind``,
+    ``basis``, ``label``, ``group_column`` and ``confidence`` beside its columns. Tokens without
+    a label value are left out, and so are the classes of a label of more than two values with
+    fewer than two tokens per fold (a part-of-speech 4-gram seen three times cannot be
+    cross-validated; chance is 1/K over the classes kept)."""
+    loss = run.arrays().read(LOSS)
+    least = 2 * SIGNAL["n_splits"]
+    frames = []
+    bar = P.bar(progress, len(stored), 0, "evaluate skill signal", "kind")
+    for name, kind, basis in stored:
+        if kind in C.EXACT_KINDS:
+            trajectories = C.exact_trajectories(loss, kind)  # [token, time]
+        else:
+            trajectories = run.projected(kind, basis).transpose(0, 2, 1)  # [vector, token, time]
+        m = trajectories.shape[0] if trajectories.ndim == 3 else 1
+        confidence = 1 - SIGNAL["alpha"] / m
+        for label, values, group_column, groups in targets:
+            keep = ~pd.isna(values)
+            if len(pd.unique(values[keep])) > 2:  # a binary label keeps both classes (its row
+                # then says which class is too small)
+                key = pd.Series(list(zip(values, values if groups is None else groups)))
+                keep &= (key.map(key.value_counts()) >= least).to_numpy()
+            if not keep.any():
+                continue
+            table = skill_signal(
+                trajectories[..., keep, :], values[keep],
+                None if groups is None else groups[keep], probes=(SIGNAL["probe"],),
+                n_splits=SIGNAL["n_splits"], seed=SIGNAL["seed"], confidence=confidence)
+            frames.append(table.assign(name=name, kind=kind, basis=basis, label=label,
+                                       group_column=group_column, confidence=confidence))
+        bar.update()
+    bar.close()
+    first = ["name", "kind", "basis", "label", "group_column"]
+    if not frames:  # no token has a label value
+        return pd.DataFrame(columns=first)
+    table = pd.concat(frames, ignore_index=True)
+    return table[first + [c for c in table.columns if c not in first]]
 
 
 def label_table_name(column: str) -> str:

@@ -18,7 +18,7 @@ def run_train(ctx: RunContext, progress: bool = True) -> None:
         ctx.run.write_probe(*ctx.task.probe_set(), labels=ctx.task.label_columns)
     cfg = ctx.cfg
     schedule = checkpoint_schedule(cfg.train.steps, cfg.checkpoints.every, cfg.checkpoints.steps,
-                                   cfg.checkpoints.log_spaced)
+                                   cfg.checkpoints.log_spaced, start=cfg.checkpoints.start)
     store = ctx.run.checkpoint_store()
     if store.steps == schedule:
         P.bar(progress, len(schedule), len(schedule), "train", "checkpoint").close()

@@ -7,7 +7,17 @@ Only the output tokens are scored. Labels per output token: ``place`` (1000, 100
 value; never for the units) and ``digit`` (the correct output digit).
 
 Probe problems are a seeded sample of all (a, b) pairs; training problems are drawn fresh each
-step from the other pairs, so train and probe are disjoint.
+step from the other pairs, so train and probe are disjoint. ``task.options`` change the training
+data (never the probe set):
+
+* ``train_size = N``: a fixed training set of N distinct problems (seeded, disjoint from the
+  probe set); each step's batch is a seeded draw from it, and the basis sample is its first
+  problems (all N when fewer are asked for).
+* ``carry_onset = S`` (a *planted* breakthrough, whose true time is known): before step S no
+  training problem has a carry into any place of ``carry_places`` (default ``[10, 100]``), or
+  only the fraction ``early_carry_fraction`` of each batch (rounded; default 0) has one; from
+  step S on problems follow the natural distribution again. The basis sample follows the
+  natural distribution.
 
 Example:
     >>> task = Addition(digits=3, n_probe=4, seed=0)
@@ -24,10 +34,12 @@ import numpy as np
 import pandas as pd
 import torch
 
+from polca.config import ConfigError
 from polca.functional import ProbeBatch
 
 PLUS, EQUALS = 10, 11
 SYMBOLS = "0123456789+="
+OPTIONS = ("train_size", "carry_onset", "carry_places", "early_carry_fraction")
 
 
 class Addition:
@@ -35,7 +47,9 @@ class Addition:
     vocab_size = 12
     label_columns = ("place", "carry", "digit")
 
-    def __init__(self, digits: int = 3, n_probe: int = 1250, seed: int = 0):
+    def __init__(self, digits: int = 3, n_probe: int = 1250, seed: int = 0,
+                 train_size: int | None = None, carry_onset: int | None = None,
+                 carry_places=None, early_carry_fraction: float | None = None):
         self.digits = digits
         self.n_numbers = 10**digits
         n_pairs = self.n_numbers**2
@@ -45,11 +59,46 @@ class Addition:
         self.sequence_length = 2 * digits + 2 + digits + 1
         rng = np.random.default_rng([seed, 0])
         self.probe_pairs = np.sort(rng.choice(n_pairs, size=n_probe, replace=False))
-        self._probe_lookup = set(self.probe_pairs.tolist())
+        self._check_schedule(carry_onset, carry_places, early_carry_fraction)
+        self.carry_onset = carry_onset
+        self.carry_places = tuple(carry_places or (10, 100))
+        self.early_carry_fraction = early_carry_fraction or 0.0
+        self.train_pairs = None
+        if train_size is not None:
+            if not isinstance(train_size, int) or not 0 < train_size <= n_pairs - n_probe:
+                raise ConfigError(f"task.options.train_size = {train_size!r} must be an integer "
+                                  f"in 1..{n_pairs - n_probe} (the problems outside the probe "
+                                  "set); omit it for fresh problems every step")
+            draw = np.random.default_rng([seed, 3]).choice(
+                n_pairs, size=train_size + n_probe, replace=False)
+            self.train_pairs = draw[~np.isin(draw, self.probe_pairs)][:train_size]
+
+    def _check_schedule(self, onset, places, fraction) -> None:
+        if onset is None:
+            if places is not None or fraction is not None:
+                raise ConfigError("task.options.carry_places and early_carry_fraction shape a "
+                                  "carry schedule: give task.options.carry_onset too")
+            return
+        if not isinstance(onset, int) or onset < 0:
+            raise ConfigError(f"task.options.carry_onset = {onset!r} must be a step ≥ 0")
+        valid = [10**k for k in range(1, self.digits + 1)]
+        if places is not None and (not isinstance(places, (list, tuple)) or not places
+                                   or any(p not in valid for p in places)):
+            raise ConfigError(f"task.options.carry_places = {places!r} must be a non-empty "
+                              f"list of places from {valid}")
+        if fraction is not None and not (isinstance(fraction, (int, float))
+                                         and 0 <= fraction < 1):
+            raise ConfigError(f"task.options.early_carry_fraction = {fraction!r} must be a "
+                              "number in [0, 1)")
 
     @classmethod
     def from_config(cls, cfg, root=None) -> Addition:
-        return cls(digits=cfg.task.digits, n_probe=cfg.task.n_probe, seed=cfg.seed)
+        unknown = sorted(set(cfg.task.options) - set(OPTIONS))
+        if unknown:
+            raise ConfigError(f"task.options {unknown} are not known to addition; it takes "
+                              f"{list(OPTIONS)}")
+        return cls(digits=cfg.task.digits, n_probe=cfg.task.n_probe, seed=cfg.seed,
+                   **cfg.task.options)
 
     # -- encoding -----------------------------------------------------------------------------
     def _digits(self, values: np.ndarray, width: int) -> np.ndarray:
@@ -80,21 +129,49 @@ class Addition:
         scored[:, self.output_positions] = True
         return ProbeBatch(ids, targets, scored)
 
-    def _sample_pairs(self, rng: np.random.Generator, n: int) -> np.ndarray:
+    def _sample_pairs(self, rng: np.random.Generator, n: int, carry: bool | None = None
+                      ) -> np.ndarray:
+        """``n`` training pairs ``a * 10ⁿ + b``: fresh, or from the fixed training set; with
+        ``carry`` only those that do (True) or do not (False) carry into a ``carry_places``."""
+        if self.train_pairs is not None:
+            pool = self.train_pairs
+            if carry is not None:
+                pool = pool[self._carries(pool) == carry]
+                if not len(pool):
+                    raise ConfigError(f"the fixed training set (task.options.train_size) has "
+                                      f"no problem {'with' if carry else 'without'} a carry "
+                                      "into carry_places; enlarge it")
+            return pool[rng.choice(len(pool), size=n, replace=n > len(pool))]
         pairs = np.empty(0, dtype=np.int64)
         while len(pairs) < n:
             draw = rng.integers(0, self.n_numbers**2, size=2 * (n - len(pairs)) + 8)
-            keep = draw[~np.isin(draw, self.probe_pairs)]
-            pairs = np.concatenate([pairs, keep])
+            keep = ~np.isin(draw, self.probe_pairs)
+            if carry is not None:
+                keep &= self._carries(draw) == carry
+            pairs = np.concatenate([pairs, draw[keep]])
         return pairs[:n]
+
+    def _carries(self, pairs: np.ndarray) -> np.ndarray:
+        """``[n]`` bool: the problem carries into at least one of ``carry_places``."""
+        a, b = pairs // self.n_numbers, pairs % self.n_numbers
+        return np.any([(a % p) + (b % p) >= p for p in self.carry_places], axis=0)
 
     # -- Task protocol -------------------------------------------------------------------------
     def train_batch(self, step: int, batch_size: int) -> ProbeBatch:
-        pairs = self._sample_pairs(np.random.default_rng([self.seed, 1, step]), batch_size)
+        rng = np.random.default_rng([self.seed, 1, step])
+        if self.carry_onset is None or step >= self.carry_onset:
+            pairs = self._sample_pairs(rng, batch_size)
+        else:
+            n_carry = round(self.early_carry_fraction * batch_size)
+            pairs = np.concatenate([self._sample_pairs(rng, batch_size - n_carry, carry=False),
+                                    self._sample_pairs(rng, n_carry, carry=True)])
         return self._batch(pairs // self.n_numbers, pairs % self.n_numbers)
 
     def basis_sample(self, n: int) -> ProbeBatch:
-        pairs = self._sample_pairs(np.random.default_rng([self.seed, 2]), n)
+        if self.train_pairs is not None:
+            pairs = self.train_pairs[:n]
+        else:
+            pairs = self._sample_pairs(np.random.default_rng([self.seed, 2]), n)
         return self._batch(pairs // self.n_numbers, pairs % self.n_numbers)
 
     def probe_set(self) -> tuple[pd.DataFrame, pd.DataFrame]:
