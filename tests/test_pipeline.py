@@ -42,6 +42,8 @@ def test_run_writes_every_stage_and_a_second_run_recomputes_nothing(tmp_path):
     root = tmp_path / "runs" / "tiny"
     # the finding in sentences on the terminal; the markdown table in the file only
     assert "exact loss:" in output and "report:" in output and "| exact loss L |" not in output
+    # what the demo does not settle, and where it is settled: terminal, report, README
+    assert "polca reproduce configs/repro-addition.toml" in " ".join(output.split())
     text = doc.read_text()
     assert text.startswith("prose before\n") and text.endswith("prose after\n")
     assert "old table" not in text and f"polca reproduce {config}" in text
@@ -66,6 +68,8 @@ def test_run_writes_every_stage_and_a_second_run_recomputes_nothing(tmp_path):
     table = docs.between(doc.read_text(), docs.TABLE_BEGIN, docs.TABLE_END)
     assert table.startswith(reproduction_markdown(root, command=docs.COMMAND))
     assert all(sentence in table for sentence in summary["sentences"].values())
+    assert "repro-addition.toml --seeds 0,1,2" in block
+    assert "repro-addition.toml --seeds 0,1,2" in (root / "report/index.html").read_text()
 
     stamps = {p: p.stat().st_mtime_ns for p in (root / "arrays.zarr").rglob("*") if p.is_file()}
     invoke("run", config, "--runs", tmp_path / "runs", "-q")

@@ -22,6 +22,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import functools
 import signal
+import textwrap
 import threading
 import time
 from enum import Enum
@@ -210,11 +211,15 @@ def _execute(ctx, stages, quiet: bool, outer: P.Bar | None = None) -> None:
 def _conclude(run) -> None:
     """What the run found, in plain sentences, and where the report is."""
     from polca.findings import to_text
+    from polca.report.reproduction import BEYOND_THE_DEMO
     from polca.report.summary import identity_line, read_findings, run_identity
 
     typer.echo("")
     typer.echo(identity_line(run_identity(run)))
     typer.echo(to_text(read_findings(run), brief=True), nl=False)
+    summary = run.read_summary()
+    if summary is not None and summary.get("reproduction") is not None:  # an addition run
+        typer.echo(textwrap.fill(BEYOND_THE_DEMO, 100))
     if run.report_path().is_file():
         typer.secho(f"report: {run.report_path()}", fg=typer.colors.GREEN)
     else:

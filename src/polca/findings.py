@@ -464,6 +464,7 @@ FINDINGS_CSS = """
 .polca-findings th { background: #f0f0f0; }
 .polca-findings td { white-space: nowrap; }
 .polca-findings td.problem { color: #a00; white-space: normal; min-width: 12em; }
+.polca-findings td.wrap { white-space: normal; min-width: 10em; }
 .polca-findings tr.meaningless td:not(.problem) { color: #777; }
 .polca-findings li { margin: 0.4em 0; }
 .polca-findings .meaningless { color: #555; }
@@ -493,11 +494,12 @@ def to_html(findings: Iterable[Finding], skill_label: str = "carry") -> str:
         # a column no finding fills (no skill label in a text run) is left out
         shown = [j for j in range(len(head)) if j in (0, 1, len(head) - 1)
                  or any(row[j] for row in grid)]
+        # names, the problems and the probe's list wrap; the numbers stay on one line
+        css_of = {0: ' class="wrap"', len(head) - 1: ' class="problem"',
+                  len(head) - 2: ' class="wrap"'}
         rows = []
         for finding, cells in zip(findings, grid):
-            tds = "".join(f'<td class="problem">{html.escape(cells[j])}</td>'
-                          if j == len(head) - 1 else f"<td>{html.escape(cells[j])}</td>"
-                          for j in shown)
+            tds = "".join(f"<td{css_of.get(j, '')}>{html.escape(cells[j])}</td>" for j in shown)
             css = ' class="meaningless"' if finding.flags else ""
             rows.append(f"<tr{css}>{tds}</tr>")
         table = ("<table><thead><tr>" + "".join(f"<th>{html.escape(head[j])}</th>" for j in shown)

@@ -92,7 +92,7 @@ def headline_method(summary: dict) -> str:
     carry cluster beside the paper's, or that it has none.
 
     >>> print(headline_method({"findings": [{"name": "polca-hessian", "n_clusters": 0}]}))
-    The paper's headline result (POLCA along a Hessian basis recovers carrying, best carry homogeneity 0.973): here POLCA (exact curvature) on the Hessian basis found no cluster. See [docs/reproduction.md](docs/reproduction.md).
+    The paper's headline result (POLCA along a Hessian basis recovers carrying, best carry homogeneity 0.973): here POLCA (exact curvature) on the Hessian basis found no cluster. See [docs/reproduction.md](docs/reproduction.md): it holds a premise sweep and a planted carry regime analysed over 3 seeds (`polca reproduce configs/repro-addition.toml --seeds 0,1,2`).
     """
     paper = paper_row("polca", "hessian")["homogeneity"][0]
     found = {f["name"]: f for f in summary.get("findings", [])}
@@ -117,7 +117,9 @@ def headline_method(summary: dict) -> str:
         return "The run has no POLCA clustering on a Hessian basis."
     return (f"The paper's headline result (POLCA along a Hessian basis recovers carrying, best "
             f"carry homogeneity {paper:.3f}): here " + "; ".join(clauses)
-            + ". See [docs/reproduction.md](docs/reproduction.md).")
+            + ". See [docs/reproduction.md](docs/reproduction.md): it holds a premise sweep "
+            "and a planted carry regime analysed over 3 seeds (`polca reproduce "
+            "configs/repro-addition.toml --seeds 0,1,2`).")
 
 
 def table_block(summary: dict, command: str = COMMAND) -> str:

@@ -38,7 +38,7 @@ from polca.findings import coverage, display_order, percent, to_html
 from polca.report import figures, interactive
 from polca.report.markup import details, esc, flatten, fmt, note, table
 from polca.report.plateau import breaks_section, plateau_figure
-from polca.report.reproduction import DIAGNOSTICS_NOTE
+from polca.report.reproduction import BEYOND_THE_DEMO, DIAGNOSTICS_NOTE
 from polca.report.summary import SKILL_LABEL, identity_line, read_findings, run_summary
 from polca.report.text import add_text_section
 from polca.store import (
@@ -410,6 +410,7 @@ def reproduction_section(tables: dict) -> str:
         diagnostics = tables["diagnostics"]
         parts.append(table(pd.DataFrame(diagnostics["rows"], columns=diagnostics["header"]),
                            DIAGNOSTICS_NOTE, text_columns=diagnostics["header"]))
+    parts.append(f"<p>{esc(BEYOND_THE_DEMO)}</p>")
     return "".join(parts)
 
 

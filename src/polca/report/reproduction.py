@@ -89,6 +89,13 @@ CARRY_HEADER = ["trajectories", "tokens clustered", "carry homogeneity (top 3)",
                 "hidden fraction (clusters)", "paper hidden"]
 DIAGNOSTICS_HEADER = ["basis", "first order", "POLCA exact", "POLCA paper", "integrated",
                       "first vs full: cosine", "first vs full: rel. L2", "paper vs exact: RMSE"]
+# what the demo does not settle, and where it is settled (the report, the terminal, the README)
+BEYOND_THE_DEMO = (
+    "Whether the paper's finding shows at a scale a CPU can run (a premise sweep of 19 "
+    "regimes, then a planted carry regime analysed over 3 seeds with `polca reproduce "
+    "configs/repro-addition.toml --seeds 0,1,2`) is written up in docs/reproduction.md of "
+    "polca's repository.")
+
 DIAGNOSTICS_NOTE = (
     "Decomposition diagnostics: fraction of Σ|ΔL| explained (1 − Σ|residual| / Σ|ΔL|) by each "
     "estimator summed over the basis (below 0: further from the exact loss change than "
