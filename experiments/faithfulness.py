@@ -7,10 +7,10 @@ For one (regime, seed) of experiments/premise.py this script
 2. writes the run's config to experiments/configs/ (checkpoints every 20 steps from s₀ on,
    600 probe problems, ≈22 Hessian and 22 random vectors, first-order and paper-curvature
    POLCA, exact curvature with ``--exact``),
-3. trains the window's checkpoints with polca's loop (``checkpoints.start`` is not yet wired
-   into the train stage, so the script writes the windowed series itself; the CLI's train
-   stage then finds it complete), runs the `trajectories`, `basis` and `decompose` stages
-   through the CLI and times them,
+3. trains the window's checkpoints with polca's loop (the script predates the train stage's
+   ``checkpoints.start`` and writes the windowed series itself, as the train stage now does;
+   the CLI's train stage then finds it complete), runs the `trajectories`, `basis` and
+   `decompose` stages through the CLI and times them,
 4. measures faithfulness (fraction of Σ|ΔL| explained, first- vs second-order agreement) and
    the skill-signal diagnostic of carry within each place on every trajectory kind: exact
    loss L, ΔL, |ΔL|, per-vector projected loss (first order, paper, exact), per-vector
