@@ -71,6 +71,15 @@ def test_coordinate_directions_are_axis_aligned_unit_vectors(problem, engine):
     torch.testing.assert_close(second, hessians[:, index, index].T, rtol=0, atol=1e-10)
 
 
+@pytest.mark.parametrize("engine", ENGINES)
+def test_no_directions_give_empty_results(problem, engine):
+    loss, theta, batch, *_ = problem
+    for directions in (theta.new_zeros(0, loss.space.dim), torch.tensor([], dtype=torch.long)):
+        first, second = directional_derivatives(loss, theta, directions, batch, order=2,
+                                                engine=engine)
+        assert first.shape == second.shape == (0, batch.n_tokens)
+
+
 def test_engines_agree_on_a_two_layer_model():
     loss, theta, batch = tiny_problem(d_model=8, n_layers=2, seed=3)
     V = orthonormal(loss.space.dim, 4, seed=4)

@@ -67,3 +67,15 @@ def test_the_docs_link_only_to_files_in_the_repository():
                 continue
             path = (page.parent / target).resolve()
             assert path.is_relative_to(ROOT) and path.exists(), f"{page.name} → {target}"
+
+
+def test_a_generated_block_keeps_what_is_around_it(tmp_path):
+    page = tmp_path / "notes.md"
+    page.write_text("my notes, no markers")
+    docs.write_between(page, "<!-- b -->", "<!-- e -->", "one\n")
+    assert page.read_text() == "my notes, no markers\n<!-- b -->\none\n<!-- e -->\n"
+    docs.write_between(page, "<!-- b -->", "<!-- e -->", "two\n")  # replaced, the rest kept
+    assert page.read_text() == "my notes, no markers\n<!-- b -->\ntwo\n<!-- e -->\n"
+    fresh = tmp_path / "new" / "page.md"
+    docs.write_between(fresh, "<!-- b -->", "<!-- e -->", "x\n")
+    assert fresh.read_text() == "<!-- b -->\nx\n<!-- e -->\n"

@@ -319,13 +319,7 @@ def reproduce(target: Annotated[Path | None, typer.Argument(
         raise ConfigError(f"{root} has no reproduction table: it is made for the addition "
                           "task (evaluation/carry.csv)")
     block = docs.table_block(summary, command=f"polca reproduce {shown} --out {out}")
-    text = out.read_text() if out.is_file() else ""
-    if docs.TABLE_BEGIN in text and docs.TABLE_END in text:  # keep the prose around it
-        text = docs.replace_between(text, docs.TABLE_BEGIN, docs.TABLE_END, block)
-    else:
-        text = f"{docs.TABLE_BEGIN}\n{block}{docs.TABLE_END}\n"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
+    docs.write_between(out, docs.TABLE_BEGIN, docs.TABLE_END, block)  # keeps the prose around
     typer.secho(f"table: {out}", fg=typer.colors.GREEN)
 
 
@@ -345,6 +339,7 @@ def _reproduce_seeds(target: Path, shown: Path, out: Path, seeds: list[int], run
 
     from polca.api import stages_of
     from polca.config import merged
+    from polca.report import docs
     from polca.report import seeds as S
 
     if not seeds or len(set(seeds)) != len(seeds):
@@ -373,15 +368,7 @@ def _reproduce_seeds(target: Path, shown: Path, out: Path, seeds: list[int], run
             + f"); the last `polca reproduce` call took {P.duration(wall)} wall clock.")
     command = f"polca reproduce {shown} --seeds {','.join(map(str, seeds))} --out {out}"
     block = S.seed_table(roots, seeds, command, note)
-    text = out.read_text() if out.is_file() else ""
-    if S.SEEDS_BEGIN in text and S.SEEDS_END in text:  # keep the prose around it
-        from polca.report.docs import replace_between
-
-        text = replace_between(text, S.SEEDS_BEGIN, S.SEEDS_END, block)
-    else:
-        text += f"{S.SEEDS_BEGIN}\n{block}{S.SEEDS_END}\n"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
+    docs.write_between(out, S.SEEDS_BEGIN, S.SEEDS_END, block)  # keeps the prose around it
     typer.secho(f"table: {out}", fg=typer.colors.GREEN)
 
 

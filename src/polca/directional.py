@@ -87,13 +87,14 @@ def engine_costs(n_directions: int, tokens_per_sequence: float, order: int,
                  jet: bool = False) -> dict[str, float]:
     """Modelled cost per probe sequence of every applicable engine, in forward passes.
 
-    >>> engine_costs(10, 4, order=2, jet=True)  # doctest: +SKIP
+    >>> {name: round(cost) for name, cost in engine_costs(10, 4, order=2, jet=True).items()}
+    {'reverse': 2244, 'jet': 20}
     """
     m, k = n_directions, tokens_per_sequence
     costs = {"reverse": k * REVERSE_GRADIENT_COST + (k * REVERSE_HVP_COST * m if order == 2 else 0)}
     if jet:
         fixed, per_direction = JET_COST[order]
-        costs["jet"] = fixed + per_direction * m
+        costs["jet"] = max(1.0, fixed + per_direction * m)  # at least the forward pass
     else:
         costs["forward"] = FORWARD_COST[order] * m
     return costs
@@ -265,7 +266,7 @@ def jet_chunks(cfg, batch: ProbeBatch, m: int, order: int, theta: torch.Tensor,
     # the widest activation per position: qkv, the MLP, attention scores, or the logits
     width = max(3 * cfg.d_model, cfg.mlp_width, cfg.n_heads * length, cfg.vocab_size)
     position = length * width * theta.element_size()  # one component at one sequence
-    directions = m
+    directions = max(m, 1)  # m = 0 still chunks (over nothing)
     if position * _LIVE_ACTIVATIONS * (1 + order * m) > memory_budget:
         directions = max(1, (memory_budget // (position * _LIVE_ACTIVATIONS) - 1) // order)
     if materialised:

@@ -15,10 +15,11 @@ its tokens with replacement and recompute the balanced accuracy; resampling n 0/
 k ones is exactly Binomial(n, k/n), so that is how it is drawn). Why this one: out-of-fold
 predictions are cheap (one cross-validation per row, against ~100 for a permutation test with a
 useful p-value), and under the null hypothesis (labels independent of trajectories) the
-interval is right, not merely approximate: given the fold models every token's correctness is an
-independent Bernoulli draw and the expected balanced accuracy is ``1 / K`` whatever the models
-are, so the model-to-model variability adds nothing to the variance the bootstrap measures
-(law of total variance). When a signal is present the interval leaves out the variability of
+interval is nearly exact: given the fold models every token's correctness is an independent
+Bernoulli draw and the expected balanced accuracy is ``1 / K`` whatever the models are, so the
+model-to-model variability adds nothing to the variance the bootstrap measures (law of total
+variance); stratified folds, which fix each fold's class totals, bias the score slightly below
+chance, which makes the test a little conservative. When a signal is present the interval leaves out the variability of
 the training folds (no unbiased estimator of it exists; Bengio & Grandvalet, 2004), so it is
 somewhat narrow there, and it collapses to a point when a class is predicted perfectly. Read
 ``above_chance`` (the interval's lower end is above chance) as "the skill is visible".

@@ -146,6 +146,19 @@ def replace_between(text: str, begin: str, end: str, block: str) -> str:
     return f"{head}{begin}\n{block}{end}{tail}"
 
 
+def write_between(path: Path, begin: str, end: str, block: str) -> None:
+    """Put ``block`` between the lines ``begin`` and ``end`` of the file ``path``, keeping
+    everything around them; a file without the markers (or no file) gets them, with the
+    block, at its end."""
+    text = path.read_text() if path.is_file() else ""
+    if begin in text and end in text:
+        text = replace_between(text, begin, end, block)
+    else:
+        text += ("\n" if text and not text.endswith("\n") else "") + f"{begin}\n{block}{end}\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
 def between(text: str, begin: str, end: str) -> str:
     """What lies between the lines ``begin`` and ``end`` (the generated block)."""
     return text.split(begin, 1)[1].split(end, 1)[0].removeprefix("\n")

@@ -20,8 +20,9 @@ Writes through the contract (:meth:`polca.store.RunDir.write_evaluation`) the ta
   place, each binary label within its group, a text run's POS and POS 4-gram), a supervised
   probe's cross-validated balanced accuracy with its chance level and interval
   (:func:`polca.signal.skill_signal`; over m vectors the interval's confidence is
-  1 − 0.05/m, so the best vector is not favoured): whether the label is visible in the
-  trajectories at all, whatever HDBSCAN makes of them;
+  1 − 0.05/m, so the best vector is not favoured; there is no correction over places, labels
+  or kinds): whether the label is visible in the trajectories at all, whatever HDBSCAN makes
+  of them;
 
 and, for token tables with POS columns (the text task), every cluster's POS label, top
 targets and contexts nearest its medoid (:func:`pos_cluster_table`). The evaluation is kept
@@ -155,7 +156,8 @@ def signal_targets(tokens: pd.DataFrame, binary: list[BinaryLabelConfig], paper_
         group = None if b.group is None else tokens[b.group].to_numpy()
         targets.append((b.column, positives[b.column], b.group, group))
     if has_pos(tokens):
-        targets += [(c, tokens[c].astype(str).to_numpy(), None, None) for c in POS_COLUMNS]
+        # object, not str: a token without a tag stays NaN (left out), not the class "nan"
+        targets += [(c, tokens[c].to_numpy(dtype=object), None, None) for c in POS_COLUMNS]
     return targets
 
 
